@@ -1,0 +1,147 @@
+"""``nn.Module``s on fastattn's ops, mirroring their torch counterparts.
+
+Constructor arguments, parameter names and ``state_dict`` keys match torch's modules,
+so weights load across both ways. Modules only call ops (``fastattn.ops``); which
+kernel runs is the ops layer's backend choice (eager torch on CPU, Triton on CUDA).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn._warnings import warn_fallback
+from fastattn.ops.flash_attention import flash_attention
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-style causal self-attention with one fused QKV projection.
+
+    Args:
+        d_model: model width C; must be divisible by ``n_heads``.
+        n_heads: query heads H; head dim is C // H (a multiple of 8 from 16 to 256).
+        dropout: dropout on the output projection (residual dropout). Dropout on the
+            attention probabilities is not offered: the kernels never form them.
+        bias: bias in both projections.
+        n_kv_heads: key/value heads for grouped-query attention (default H); must divide H.
+
+    Parameters: ``qkv_proj`` (Linear C → (H + 2·Hkv)·D, rows ordered q, k, v) and
+    ``out_proj`` (Linear C → C). Input and output are (B, T, C).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 n_kv_heads: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads <= 0 or d_model % n_heads != 0:
+            raise ValueError(f"n_heads must be a positive divisor of d_model={d_model}, "
+                             f"got {n_heads}")
+        if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_kv_heads must be a positive divisor of n_heads={n_heads}, "
+                             f"got {n_kv_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        qkv_dim = (n_heads + 2 * n_kv_heads) * self.head_dim
+        factory = {"device": device, "dtype": dtype}
+        self.qkv_proj = nn.Linear(d_model, qkv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)                                       # (B, T, (H + 2Hkv)·D)
+        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)                       # (B, H, T, D)
+        k = k.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
+        v = v.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
+        y = flash_attention(q, k, v, causal=True)                    # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, c)                       # (B, T, C)
+        return self.dropout(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
+        return f"d_model={self.d_model}, n_heads={self.n_heads}{kv}"
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in for ``torch.nn.MultiheadAttention`` (same constructor, parameters,
+    ``state_dict`` keys, ``batch_first``, returned ``(output, weights)`` tuple).
+
+    The fast path — fastattn's kernel — serves calls with ``need_weights=False``, no
+    ``key_padding_mask``, no ``attn_mask`` other than a causal one flagged by
+    ``is_causal=True`` (an ``attn_mask`` passed with ``is_causal=True`` is taken as the
+    hint torch documents it to be and not read), no ``add_bias_kv``/``add_zero_attn``, no
+    attention dropout while training, and a supported head dim. Anything else runs
+    torch's implementation, with a one-time ``FallbackWarning`` naming the reason; note
+    that torch's default ``need_weights=True`` needs the full attention matrix.
+    """
+
+    def _unsupported(self, query: Tensor, key: Tensor, key_padding_mask, need_weights: bool,
+                     attn_mask, is_causal: bool) -> str | None:
+        if need_weights:
+            return "need_weights=True (returning attention weights needs the T×T matrix)"
+        if key_padding_mask is not None:
+            return "key_padding_mask is not supported by the fast path"
+        if attn_mask is not None and not is_causal:
+            return "attn_mask without is_causal=True is not supported by the fast path"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "add_bias_kv / add_zero_attn are not supported by the fast path"
+        if self.dropout > 0.0 and self.training:
+            return f"attention dropout={self.dropout} in training mode"
+        if self.head_dim % 8 != 0 or not 16 <= self.head_dim <= 256:
+            return f"head dim {self.head_dim} (the fast path takes a multiple of 8 from 16 to 256)"
+        if query.dim() not in (2, 3):
+            return f"query with {query.dim()} dimensions"
+        t_dim = 0 if query.dim() == 2 or not self.batch_first else 1
+        if is_causal and query.shape[t_dim] != key.shape[t_dim]:
+            # torch aligns its causal mask top-left when lengths differ; fastattn bottom-right.
+            return "is_causal with query length != key length"
+        return None
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        reason = self._unsupported(query, key, key_padding_mask, need_weights, attn_mask,
+                                   is_causal)
+        if reason is not None:
+            warn_fallback("fastattn.nn.MultiheadAttention", reason)
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:                                # (T, E) -> (1, T, E) / (T, 1, E)
+            query, key, value = (x.unsqueeze(0 if self.batch_first else 1)
+                                 for x in (query, key, value))
+        if not self.batch_first:                     # (T, B, E) -> (B, T, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out = self._attend(query, key, value, is_causal)             # (B, Tq, E)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+        return out, None
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, causal: bool) -> Tensor:
+        e, h, d = self.embed_dim, self.num_heads, self.head_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        b, tq, tk = query.shape[0], query.shape[1], key.shape[1]
+        q = F.linear(query, w_q, b_q).view(b, tq, h, d).transpose(1, 2)   # (B, H, Tq, D)
+        k = F.linear(key, w_k, b_k).view(b, tk, h, d).transpose(1, 2)     # (B, H, Tk, D)
+        v = F.linear(value, w_v, b_v).view(b, tk, h, d).transpose(1, 2)   # (B, H, Tk, D)
+        y = flash_attention(q, k, v, causal=causal)                       # (B, H, Tq, D)
+        y = y.transpose(1, 2).reshape(b, tq, e)                           # (B, Tq, E)
+        return self.out_proj(y)
+
+
+__all__ = ["CausalSelfAttention", "MultiheadAttention"]

@@ -1,0 +1,1 @@
+"""Custom ops (``torch.ops.fastattn.*``): validation, backend choice, fake and autograd."""

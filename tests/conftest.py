@@ -1,0 +1,44 @@
+"""Test set-up: on a machine without CUDA, run Triton kernels through the interpreter.
+
+TRITON_INTERPRET must be set before anything imports triton, so it is set here, at
+collection start, unless the caller set it already (``TRITON_INTERPRET=0`` opts out).
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_backends(op_backends=("triton", "ext", "torch")) -> list:
+    """pytest params for each backend in ``op_backends``, skipped with the reason when it
+    cannot run on this machine's device."""
+    from fastattn import backends
+
+    params = []
+    for name in op_backends:
+        ok, why = backends.available(name, torch.device(DEVICE))
+        marks = () if ok else pytest.mark.skip(reason=f"backend {name}: {why}")
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
