@@ -6,12 +6,42 @@ kernel runs is the ops layer's backend choice (eager torch on CPU, Triton on CUD
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn._warnings import warn_fallback
 from fastattn.ops.flash_attention import flash_attention
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding.
+
+    Preallocates (B, Hkv, max_len, D) buffers; ``append`` writes new positions and
+    returns views of everything cached so far (no copy of the past).
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=None) -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len, self.length = max_len, 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: (B, Hkv, T, D) for the new positions. Returns (B, Hkv, length, D) views."""
+        start, stop = self.length, self.length + k.shape[2]
+        if stop > self.max_len:
+            raise ValueError(f"KV cache holds at most {self.max_len} positions; appending "
+                             f"{k.shape[2]} to {start} cached would make {stop}")
+        self.k[:, :, start:stop] = k
+        self.v[:, :, start:stop] = v
+        self.length = stop
+        return self.k[:, :, :stop], self.v[:, :, :stop]
+
+    def reset(self) -> None:
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,17 +79,44 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                       # (B, T, (H + 2Hkv)·D)
         q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
         q = q.view(b, t, h, d).transpose(1, 2)                       # (B, H, T, D)
         k = k.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
         v = v.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
+        return q, k, v
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: (B, T, C) -> (B, T, C). With a ``cache``, x holds only the new positions: their
+        keys/values are appended and the queries attend to the whole cache (the causal
+        mask is aligned bottom-right, so T = 1 is plain decoding)."""
+        b, t, c = x.shape
+        q, k, v = self._qkv(x)
+        if cache is not None:
+            k, v = cache.append(k, v)                                # (B, Hkv, L, D)
         y = flash_attention(q, k, v, causal=True)                    # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, c)                       # (B, T, C)
         return self.dropout(self.out_proj(y))
+
+    @torch.no_grad()
+    def sink_share(self, x: Tensor, n_sink: int = 1) -> Tensor:
+        """Share of each head's attention that lands on the first ``n_sink`` keys, averaged
+        over queries: (H,). Computed from the kernel's log-sum-exp and the first keys,
+        ``Σ_{j<n} exp(scale·q_i·k_j − lse_i)``, so it never forms the T×T matrix."""
+        q, k, v = self._qkv(x)
+        _, lse = flash_attention(q, k, v, causal=True, return_lse=True)     # (B, H, T)
+        groups = self.n_heads // self.n_kv_heads
+        first = k[:, :, :n_sink].repeat_interleave(groups, dim=1)         # (B, H, n, D)
+        s = (q.float() @ first.float().transpose(-2, -1)) * self.head_dim ** -0.5
+        # Query i only sees keys j <= i: mask the sink keys a query cannot see yet.
+        t = q.shape[2]
+        visible = torch.arange(n_sink, device=x.device)[None, :] <= torch.arange(
+            t, device=x.device)[:, None]                                  # (T, n)
+        share = (torch.exp(s - lse[..., None]) * visible).sum(-1)         # (B, H, T)
+        return share.mean(dim=(0, 2))
 
     def extra_repr(self) -> str:
         kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
@@ -144,4 +201,4 @@ class MultiheadAttention(nn.MultiheadAttention):
         return self.out_proj(y)
 
 
-__all__ = ["CausalSelfAttention", "MultiheadAttention"]
+__all__ = ["CausalSelfAttention", "KVCache", "MultiheadAttention"]
