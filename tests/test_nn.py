@@ -207,3 +207,32 @@ def test_triton_op_registration_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+# --- KV cache and attention-sink share ---
+
+def test_kv_cache_decoding_matches_full_forward():
+    torch.manual_seed(0)
+    m = fastattn.nn.CausalSelfAttention(64, 4, n_kv_heads=2)
+    x = torch.randn(2, 12, 64)
+    cache = fastattn.nn.KVCache(2, 2, 16, 16)
+    steps = [m(x[:, :5], cache)] + [m(x[:, i:i + 1], cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), m(x), atol=1e-5, rtol=1e-5)
+    assert cache.length == 12
+    with pytest.raises(ValueError, match=r"KV cache holds at most 16 positions; appending 5 "
+                                         r"to 12 cached would make 17"):
+        m(x[:, :5], cache)
+
+
+@pytest.mark.parametrize("n_sink", [1, 3])
+def test_sink_share_equals_explicit_softmax(n_sink):
+    torch.manual_seed(0)
+    m = fastattn.nn.CausalSelfAttention(64, 4, n_kv_heads=2)
+    x = torch.randn(2, 12, 64)
+    share = m.sink_share(x, n_sink)
+    q, k, v = m._qkv(x)
+    k = k.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * 16 ** -0.5
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    expected = scores.softmax(-1)[..., :n_sink].sum(-1).mean(dim=(0, 2))
+    torch.testing.assert_close(share, expected, atol=1e-6, rtol=1e-5)
