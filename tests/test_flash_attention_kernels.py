@@ -1,0 +1,277 @@
+"""The Triton flash-attention launchers (``attn_fwd`` / ``attn_bwd``) against float64.
+
+These call the kernels directly, below the op layer (``test_flash_attention.py`` tests
+the op). On a CPU-only machine they run through the Triton interpreter, whose tiles
+are 16×16: the lengths below are chosen around and across those tiles (1, 17, 97,
+128, 300), and most are not multiples of the GPU tiles (32/64/128) either.
+
+Tolerances. The reference is ``fastattn.reference.attention`` in float64 on the same
+(rounded) inputs.
+- fp32: the kernels accumulate in fp32 and use true-fp32 dots, so the max error stays
+  within 1e-4 × (1 + max |reference|).
+- fp16/bf16: flash-attention's rule. The max error may be at most 2× that of eager
+  torch at the same dtype (the reference attention run in fp16/bf16), plus a floor of
+  2 eps of the dtype × (1 + max |reference|) for the cases where eager torch happens
+  to round well.
+- lse is fp32 for every dtype and computed from the same rounded inputs, so it is held
+  to 1e-4 × (1 + max |lse|).
+"""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before "
+                "triton is imported (tests/conftest.py sets it on CPU-only machines)",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+from fastattn import reference  # noqa: E402
+from fastattn.kernels import flash_attention as fa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FLOOR = {FP16: 2e-3, BF16: 1.6e-2}
+
+# (B, H, Hkv, Tq, Tk, D, dtype); each case runs causal and non-causal.
+CASES = [
+    # Tq == Tk
+    (2, 2, 2, 1, 1, 32, FP32),
+    (1, 2, 2, 17, 17, 40, FP32),
+    (1, 2, 2, 97, 97, 64, FP32),
+    (1, 1, 1, 128, 128, 80, FP32),
+    # Tq != Tk: decoding, more keys than queries, more queries than keys (with causal,
+    # the first Tq - Tk rows see no key)
+    (1, 2, 2, 1, 100, 64, FP32),
+    (1, 2, 2, 17, 50, 48, FP32),
+    (1, 2, 2, 50, 17, 16, FP32),
+    # head dims, padded to the next power of two inside the kernels
+    (1, 2, 2, 21, 21, 24, FP32),
+    (1, 2, 2, 33, 33, 96, FP32),
+    (1, 1, 1, 40, 29, 128, FP32),
+    (1, 1, 1, 20, 20, 160, FP32),
+    (1, 1, 1, 18, 18, 256, FP32),
+    # GQA and MQA
+    (1, 4, 2, 40, 40, 32, FP32),
+    (1, 4, 1, 33, 47, 64, FP32),
+    # fp16 and bf16
+    (1, 2, 2, 97, 97, 64, FP16),
+    (1, 4, 1, 50, 17, 40, FP16),
+    (1, 1, 1, 20, 20, 256, FP16),
+    (1, 2, 2, 97, 97, 64, BF16),
+    (1, 4, 2, 50, 17, 40, BF16),
+    (1, 1, 1, 33, 65, 128, BF16),
+]
+
+
+def _case_id(case):
+    b, h, hkv, tq, tk, d, dtype = case
+    return f"B{b}H{h}kv{hkv}-Tq{tq}Tk{tk}-D{d}-{str(dtype)[6:]}"
+
+
+def _inputs(b, h, hkv, tq, tk, d, dtype, magnitude=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g) * magnitude
+    k = torch.randn(b, hkv, tk, d, generator=g) * magnitude
+    v = torch.randn(b, hkv, tk, d, generator=g)
+    do = torch.randn(b, h, tq, d, generator=g)
+    return [x.to(DEVICE, dtype) for x in (q, k, v, do)]
+
+
+def _reference(q, k, v, do, causal, scale, dtype=torch.float64):
+    """Output, lse and (dq, dk, dv) of ``reference.attention`` run in ``dtype``."""
+    xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    o, lse = reference.attention(*xs, causal=causal, scale=scale)
+    return o.detach(), lse.detach(), torch.autograd.grad(o, xs, do.to(dtype))
+
+
+def _run(q, k, v, do, causal, scale):
+    o, lse = fa.attn_fwd(q, k, v, causal, scale)
+    return (o, lse, *fa.attn_bwd(do, q, k, v, o, lse, causal, scale))
+
+
+def _assert_close(got, ref64, eager, what):
+    """The tolerance rule of the module docstring; ``eager`` is None for fp32."""
+    err = (got.double() - ref64).abs().max().item()
+    size = 1.0 + ref64.abs().max().item()
+    if eager is None:
+        bound = 1e-4 * size
+    else:
+        eager_err = (eager.double() - ref64).abs().max().item()
+        bound = 2 * eager_err + FLOOR[got.dtype] * size
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def _assert_lse_close(lse, ref_lse):
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen), "rows that see no key need lse = -inf"
+    if seen.any():
+        err = (lse[seen].double() - ref_lse[seen]).abs().max().item()
+        assert err <= 1e-4 * (1.0 + ref_lse[seen].abs().max().item()), f"lse: error {err:.3g}"
+
+
+def _check_against_reference(q, k, v, do, causal, scale):
+    o, lse, dq, dk, dv = _run(q, k, v, do, causal, scale)
+    b, h, tq, d = q.shape
+    assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
+    assert lse.shape == (b, h, tq) and lse.dtype == torch.float32 and lse.is_contiguous()
+    for g, x in zip((dq, dk, dv), (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.is_contiguous()
+        assert torch.isfinite(g).all()
+    assert torch.isfinite(o).all()
+
+    ro, rlse, rgrads = _reference(q, k, v, do, causal, scale)
+    if q.dtype == torch.float32:
+        eo, egrads = None, (None,) * 3
+    else:
+        eo, _, egrads = _reference(q, k, v, do, causal, scale, q.dtype)
+    _assert_close(o, ro, eo, "out")
+    _assert_lse_close(lse, rlse)
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), (dq, dk, dv), rgrads, egrads):
+        _assert_close(g, rg, eg, name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_float64_reference(case, causal):
+    *shape, dtype = case
+    q, k, v, do = _inputs(*shape, dtype)
+    # Not D**-0.5, so a kernel that assumes the default scale fails.
+    scale = 0.7 * shape[-1] ** -0.5
+    _check_against_reference(q, k, v, do, causal, scale)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_sequence_spanning_many_tiles(causal):
+    q, k, v, do = _inputs(1, 1, 1, 300, 300, 32, FP32)
+    _check_against_reference(q, k, v, do, causal, 32 ** -0.5)
+
+
+def test_rows_without_keys():
+    """Causal with Tq > Tk: the first Tq - Tk rows (here two whole 16-row tiles and
+    more) see no key. Output exactly 0, lse -inf, zero dq, and no NaN anywhere."""
+    q, k, v, do = _inputs(1, 2, 1, 40, 7, 32, FP32)
+    o, lse, dq, dk, dv = _run(q, k, v, do, True, 0.2)
+    blind = 40 - 7
+    assert torch.equal(o[:, :, :blind], torch.zeros_like(o[:, :, :blind]))
+    assert torch.isneginf(lse[:, :, :blind]).all()
+    assert torch.isfinite(lse[:, :, blind:]).all()
+    assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
+    assert all(torch.isfinite(t).all() for t in (o, dq, dk, dv))
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    """Every element of every output is written: allocations are poisoned with NaN,
+    and the results must equal those of a clean run bit for bit."""
+    q, k, v, do = _inputs(1, 4, 2, 37, 29, 40, FP32)
+    clean = _run(q, k, v, do, True, 0.15)
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(fa, "_empty", nan_empty)
+    poisoned = _run(q, k, v, do, True, 0.15)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), poisoned, clean):
+        assert torch.equal(a, b), f"{name} has elements the kernels never wrote"
+
+
+def _strided_inputs(kind, b=2, t=19, h=4, d=32):
+    """q, k, v as views that are not contiguous (B, H, T, D) tensors."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "transposed":   # (B, T, H, D) tensors viewed as (B, H, T, D)
+        xs = [torch.randn(b, t, h, d, generator=g).transpose(1, 2) for _ in range(3)]
+    elif kind == "packed_qkv":  # slices of one (B, T, 3, H, D) projection output
+        qkv = torch.randn(b, t, 3, h, d, generator=g)
+        xs = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    elif kind == "expanded_kv":  # one KV head broadcast to every query head: stride 0
+        xs = [torch.randn(b, h, t, d, generator=g)]
+        xs += [torch.randn(b, 1, t, d, generator=g).expand(b, h, t, d) for _ in range(2)]
+    else:  # "strided_d": every other position, and every other element of a wider D
+        xs = [torch.randn(b, h, 2 * t, 2 * d, generator=g)[:, :, ::2, ::2]
+              for _ in range(3)]
+    return [x.to(DEVICE) for x in xs]
+
+
+@pytest.mark.parametrize("kind", ["transposed", "packed_qkv", "expanded_kv", "strided_d"])
+def test_strided_inputs_match_contiguous(kind):
+    q, k, v = _strided_inputs(kind)
+    assert not all(x.is_contiguous() for x in (q, k, v))
+    dq_, dk_, dv_ = (x.contiguous() for x in (q, k, v))
+    b, h, t, d = q.shape
+    # dO and O strided too: (B, T, H, 2D) buffers, every other element of the last dim.
+    do = torch.randn(b, t, h, 2 * d, device=DEVICE).transpose(1, 2)[..., ::2]
+
+    o, lse = fa.attn_fwd(q, k, v, True, 0.2)
+    o_c, lse_c = fa.attn_fwd(dq_, dk_, dv_, True, 0.2)
+    o_strided = torch.empty(b, t, h, 2 * d, device=DEVICE).transpose(1, 2)[..., ::2]
+    o_strided.copy_(o)
+    grads = fa.attn_bwd(do, q, k, v, o_strided, lse, True, 0.2)
+    grads_c = fa.attn_bwd(do.contiguous(), dq_, dk_, dv_, o_c, lse_c, True, 0.2)
+    torch.testing.assert_close(o, o_c, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_c, atol=1e-6, rtol=1e-5)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g, g_c, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
+def test_large_magnitude_scores(dtype):
+    """q, k entries of ~100: scores of ±1e4 must neither overflow the online softmax
+    nor lose accuracy.
+
+    Eager torch is no yardstick here (in fp16 its scores overflow, in bf16 they lose
+    whole units), so out and dv are held to their own rounding: 1e-4 relative in fp32,
+    2 eps of the dtype otherwise. The softmax is one-hot, so the true dq, dk are ~0;
+    what the kernels return is the fp32 rounding of dP - Δ (Δ = dO·O comes from the
+    stored O; ~1e-7·|dO·v|) carried through dQ = scale·dS·K. They are held to
+    1e-4·scale·max|k| (and max|q|), far below the O(scale·|k|) of a wrong mask or lse.
+    """
+    q, k, v, do = _inputs(1, 2, 2, 40, 40, 64, dtype, magnitude=100.0)
+    scale = 64 ** -0.5
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    assert scores.abs().max() > 1e4
+    o, lse, dq, dk, dv = _run(q, k, v, do, True, scale)
+    assert all(torch.isfinite(t).all() for t in (o, lse, dq, dk, dv))
+
+    ro, rlse, (rdq, rdk, rdv) = _reference(q, k, v, do, True, scale)
+    rel = 1e-4 if dtype == FP32 else 2 * torch.finfo(dtype).eps
+    for name, got, ref, bound in (
+            ("out", o, ro, rel * (1 + ro.abs().max().item())),
+            ("dv", dv, rdv, rel * (1 + rdv.abs().max().item())),
+            ("dq", dq, rdq, 1e-4 * scale * k.abs().max().item()),
+            ("dk", dk, rdk, 1e-4 * scale * q.abs().max().item())):
+        err = (got.double() - ref).abs().max().item()
+        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
+    _assert_lse_close(lse, rlse)
+
+
+def test_backward_is_deterministic():
+    """dK/dV of a KV head sum over the query heads of its group inside one program, in
+    a fixed order, without atomics. A race (atomic adds, or two programs writing one
+    tile) would make two runs differ bitwise (flash-attention's race test)."""
+    q, k, v, do = _inputs(1, 4, 2, 45, 45, 64, FP32)
+    o, lse = fa.attn_fwd(q, k, v, True, 0.125)
+    first = fa.attn_bwd(do, q, k, v, o, lse, True, 0.125)
+    second = fa.attn_bwd(do, q, k, v, o, lse, True, 0.125)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [8, 20, 264])
+def test_unsupported_head_dim_raises(d):
+    q, k, v, _ = _inputs(1, 1, 1, 4, 4, d, FP32)
+    with pytest.raises(ValueError, match=f"head dim must be a multiple of 8 .* got {d}"):
+        fa.attn_fwd(q, k, v, False, 1.0)
+
+
+def test_mixed_dtypes_raise():
+    q, k, v, _ = _inputs(1, 1, 1, 4, 4, 16, FP32)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        fa.attn_fwd(q, k.half(), v, False, 1.0)
+
+
+def test_heads_not_divisible_raise():
+    q, k, v, _ = _inputs(1, 3, 2, 4, 4, 16, FP32)
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of KV heads \(2\)"):
+        fa.attn_fwd(q, k, v, False, 1.0)
