@@ -4,15 +4,22 @@
 >>> out = fastattn.flash_attention(q, k, v, causal=True)          # (B, H, T, D)
 >>> out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
 >>> out = fastattn.flash_attn_func(q, k, v, causal=True)          # (B, T, H, D)
+>>> y = fastattn.layer_norm(x, (C,), weight, bias)
+>>> report = fastattn.swap(model)                                 # put the kernels in a model
 """
 from fastattn import nn, reference
+from fastattn._warnings import FallbackWarning
 from fastattn.backends import BACKENDS, BackendUnavailableError, use_backend
 from fastattn.functional import flash_attn_func, scaled_dot_product_attention
 from fastattn.ops.flash_attention import flash_attention
+from fastattn.ops.gelu import bias_gelu, gelu
+from fastattn.ops.layer_norm import layer_norm, rms_norm
+from fastattn.swap import SwapReport, enable, enable_globally, swap  # noqa: E402  (rebinds .swap)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "flash_attention", "flash_attn_func", "nn",
-    "reference", "scaled_dot_product_attention", "use_backend",
+    "BACKENDS", "BackendUnavailableError", "FallbackWarning", "SwapReport", "bias_gelu",
+    "enable", "enable_globally", "flash_attention", "flash_attn_func", "gelu", "layer_norm",
+    "nn", "reference", "rms_norm", "scaled_dot_product_attention", "swap", "use_backend",
 ]

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from fastattn._warnings import warn_fallback
 from fastattn.ops.flash_attention import flash_attention
+from fastattn.ops.gelu import bias_gelu, gelu
+from fastattn.ops.layer_norm import layer_norm, rms_norm
 
 
 class KVCache:
@@ -201,4 +203,98 @@ class MultiheadAttention(nn.MultiheadAttention):
         return self.out_proj(y)
 
 
-__all__ = ["CausalSelfAttention", "KVCache", "MultiheadAttention"]
+class LayerNorm(nn.LayerNorm):
+    """Drop-in for ``torch.nn.LayerNorm`` (same constructor, parameters and keys) on
+    fastattn's kernel. ``forward(x, residual)`` normalises ``x + residual`` in one pass;
+    with ``return_residual=True`` it also returns that sum (the pre-LN residual stream).
+    """
+
+    def forward(self, input: Tensor, residual: Tensor | None = None,
+                return_residual: bool = False):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                          residual=residual, return_residual=return_residual)
+
+
+class RMSNorm(nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm`` on fastattn's kernel, with the same fused
+    ``residual`` option as ``LayerNorm``."""
+
+    def forward(self, input: Tensor, residual: Tensor | None = None,
+                return_residual: bool = False):
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps,
+                        residual=residual, return_residual=return_residual)
+
+
+class GELU(nn.GELU):
+    """Drop-in for ``torch.nn.GELU(approximate="none" | "tanh")`` on fastattn's kernel."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return gelu(input, self.approximate)
+
+
+class LinearGELU(nn.Linear):
+    """``gelu(x @ W.T + b)`` with ``nn.Linear``'s parameters; the bias add is fused into
+    the GELU kernel (forward and backward), saving one pass over the (…, out) activation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, approximate: str = "none") -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = F.linear(input, self.weight)                             # (…, out), no bias yet
+        if self.bias is None:
+            return gelu(y, self.approximate)
+        return bias_gelu(y, self.bias, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class MLP(nn.Module):
+    """The GPT feed-forward: ``proj(gelu(fc(x)))`` then dropout, with the first bias add
+    fused into the GELU. Parameters ``fc`` (C → hidden) and ``proj`` (hidden → C)."""
+
+    def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0,
+                 bias: bool = True, approximate: str = "none", device=None, dtype=None) -> None:
+        super().__init__()
+        hidden = 4 * d_model if hidden is None else hidden
+        factory = {"device": device, "dtype": dtype}
+        self.fc = LinearGELU(d_model, hidden, bias=bias, approximate=approximate, **factory)
+        self.proj = nn.Linear(hidden, d_model, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.fc(x)))                   # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``h = x + attn(ln1(x))``, ``out = h + mlp(ln2(h))``.
+
+    The first residual add is fused into ``ln2`` (one pass computes both ``h`` and
+    ``ln2(h)``). Parameters ``ln1``, ``attn`` (``CausalSelfAttention``), ``ln2``, ``mlp``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 n_kv_heads: int | None = None, mlp_hidden: int | None = None,
+                 approximate: str = "none", eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.ln1 = LayerNorm(d_model, eps=eps, bias=bias, **factory)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout=dropout, bias=bias,
+                                        n_kv_heads=n_kv_heads, **factory)
+        self.ln2 = LayerNorm(d_model, eps=eps, bias=bias, **factory)
+        self.mlp = MLP(d_model, mlp_hidden, dropout=dropout, bias=bias,
+                       approximate=approximate, **factory)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        a = self.attn(self.ln1(x), cache)                            # (B, T, C)
+        y, h = self.ln2(a, residual=x, return_residual=True)         # h = x + a
+        return h + self.mlp(y)
+
+
+__all__ = ["Block", "CausalSelfAttention", "GELU", "KVCache", "LayerNorm", "LinearGELU", "MLP",
+           "MultiheadAttention", "RMSNorm"]

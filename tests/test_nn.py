@@ -236,3 +236,94 @@ def test_sink_share_equals_explicit_softmax(n_sink):
     scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
     expected = scores.softmax(-1)[..., :n_sink].sum(-1).mean(dim=(0, 2))
     torch.testing.assert_close(share, expected, atol=1e-6, rtol=1e-5)
+
+
+# --- LayerNorm, RMSNorm, GELU, LinearGELU, MLP, Block ---
+
+@pytest.mark.parametrize("make_ours,make_theirs", [
+    (lambda: fastattn.nn.LayerNorm(48), lambda: nn.LayerNorm(48)),
+    (lambda: fastattn.nn.LayerNorm(48, bias=False), lambda: nn.LayerNorm(48, bias=False)),
+    (lambda: fastattn.nn.LayerNorm((3, 16), eps=1e-3), lambda: nn.LayerNorm((3, 16), eps=1e-3)),
+    (lambda: fastattn.nn.LayerNorm(48, elementwise_affine=False),
+     lambda: nn.LayerNorm(48, elementwise_affine=False)),
+    (lambda: fastattn.nn.RMSNorm(48), lambda: nn.RMSNorm(48)),
+    (lambda: fastattn.nn.GELU(), lambda: nn.GELU()),
+    (lambda: fastattn.nn.GELU("tanh"), lambda: nn.GELU("tanh")),
+])
+def test_norm_and_gelu_modules_are_drop_ins(make_ours, make_theirs):
+    torch.manual_seed(0)
+    ours, theirs = make_ours(), make_theirs()
+    for p in theirs.parameters():                            # non-trivial affine parameters
+        p.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(4, 5, 3, 16).reshape(4, 5, 48) if "3, 16" not in repr(theirs) else (
+        torch.randn(4, 5, 3, 16))
+    x.requires_grad_()
+    out, ref = ours(x), theirs(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, [x] + list(ours.parameters()), do),
+                               torch.autograd.grad(ref, [x] + list(theirs.parameters()), do),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_module_fused_residual():
+    ln = fastattn.nn.LayerNorm(32)
+    x, r = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    y, h = ln(x, residual=r, return_residual=True)
+    torch.testing.assert_close(h, x + r)
+    torch.testing.assert_close(y, F.layer_norm(x + r, (32,), ln.weight, ln.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_matches_linear_then_gelu(bias, approximate):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40, bias=bias)
+    fused = fastattn.nn.LinearGELU(24, 40, bias=bias, approximate=approximate)
+    fused.load_state_dict(lin.state_dict())
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    out, ref = fused(x), F.gelu(lin(x), approximate=approximate)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, [x] + list(fused.parameters()), do),
+                               torch.autograd.grad(ref, [x] + list(lin.parameters()), do),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"approximate must be 'none' or 'tanh', got 'erf'"):
+        fastattn.nn.LinearGELU(4, 4, approximate="erf")
+
+
+class TorchBlock(nn.Module):
+    """The same pre-LN block from torch parts, with the parameter names of ``Block``."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = NaiveCausalSelfAttention(d, h)
+        self.mlp = nn.Module()
+        self.mlp.fc, self.mlp.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp.proj(F.gelu(self.mlp.fc(self.ln2(x))))
+
+
+def test_block_matches_torch_block():
+    torch.manual_seed(0)
+    ref = TorchBlock(64, 4)
+    block = fastattn.nn.Block(64, 4)
+    block.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 19, 64, requires_grad=True)
+    out, expected = block(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(out)
+    names = sorted(dict(ref.named_parameters()))
+    ours, theirs = dict(block.named_parameters()), dict(ref.named_parameters())
+    torch.testing.assert_close(
+        torch.autograd.grad(out, [x] + [ours[n] for n in names], do),
+        torch.autograd.grad(expected, [x] + [theirs[n] for n in names], do),
+        atol=1e-4, rtol=1e-4)

@@ -1,0 +1,159 @@
+"""``fastattn::bias_gelu_fwd`` / ``_bwd``: GELU with an optional fused bias, and its API.
+
+``gelu(input, approximate)`` has ``F.gelu``'s signature; ``bias_gelu(input, bias,
+approximate)`` is ``gelu(input + bias)`` in one pass (the MLP's ``Linear`` bias fused into
+its activation). Both validate once, view the input as (rows, last dim), pick a backend
+(``triton`` on CUDA, ``torch`` on CPU, or the one forced by ``use_backend``) and call the
+forward op, whose registered autograd formula calls the backward op.
+
+Op semantics (the same for every backend, and for ``torch.ops.fastattn_ext``):
+
+* ``bias_gelu_fwd(x, bias?, approximate, backend) -> y``: x (M, N), bias (N,);
+  ``y = gelu(x + bias)`` in x's dtype, ``approximate`` ``"none"`` (erf) or ``"tanh"``.
+* ``bias_gelu_bwd(dy, x, bias?, approximate, backend) -> (dx, dbias)``:
+  ``dx = dy · gelu'(x + bias)`` in x's dtype; ``dbias = Σ_rows dx`` (N,) in bias's dtype,
+  an empty (0,) tensor without bias.
+
+Dtypes: input float16, bfloat16 or float32; bias in input's dtype or float32. Any number
+of elements, zero included (GELU is elementwise).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn import backends
+from fastattn.ops._registry import kernel_op
+
+OP = "gelu"
+BACKENDS = ("triton", "ext", "torch")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+APPROXIMATE = ("none", "tanh")
+
+
+def _triton_kernels():
+    from fastattn.kernels import gelu  # imports triton: only when used
+    return gelu
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+@kernel_op("fastattn::bias_gelu_fwd")
+def _fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton_kernels().bias_gelu_fwd(x, bias, approximate)
+    if backend == "ext":
+        return torch.ops.fastattn_ext.bias_gelu_fwd(x.contiguous(), _contig(bias), approximate)
+    z = x if bias is None else x + bias
+    return F.gelu(z, approximate=approximate).to(x.dtype)
+
+
+@_fwd.register_fake
+def _(x, bias, approximate, backend):
+    return x.new_empty(x.shape)
+
+
+@kernel_op("fastattn::bias_gelu_bwd")
+def _bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
+         backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        dx, db = _triton_kernels().bias_gelu_bwd(dy, x, bias, approximate)
+        return dx, (x.new_empty(0) if db is None else db)
+    if backend == "ext":
+        return torch.ops.fastattn_ext.bias_gelu_bwd(dy.contiguous(), x.contiguous(),
+                                                    _contig(bias), approximate)
+    z = x if bias is None else x + bias
+    dz = torch.ops.aten.gelu_backward(dy.to(z.dtype), z, approximate=approximate)
+    if bias is None:
+        return dz.to(x.dtype), x.new_empty(0)
+    return dz.to(x.dtype), dz.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+
+
+@_bwd.register_fake
+def _(dy, x, bias, approximate, backend):
+    db = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    if any(ctx.needs_input_grad[:2]):
+        ctx.save_for_backward(x, bias)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    if dy.shape[-1] != 1 and dy.stride(-1) != 1:  # the kernels need unit column stride
+        dy = dy.contiguous()
+    dx, db = _bwd(dy, x, bias, ctx.approximate, ctx.backend)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, db if need[1] else None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def validate(input: Tensor, bias: Optional[Tensor], approximate: str) -> None:
+    """Raise a TypeError/ValueError naming the argument, its value and what is allowed."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in DTYPES:
+        raise TypeError(f"input dtype must be float16, bfloat16 or float32, got {input.dtype}")
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension for a bias to broadcast "
+                         "over its last dim, got a 0-dim tensor")
+    if tuple(bias.shape) != (input.shape[-1],):
+        raise ValueError(f"bias shape must be ({input.shape[-1]},) (input's last dim), got "
+                         f"{tuple(bias.shape)}")
+    if bias.dtype not in (input.dtype, torch.float32):
+        raise TypeError(f"bias dtype must be input's dtype {input.dtype} or float32, "
+                        f"got {bias.dtype}")
+    if bias.device != input.device:
+        raise ValueError(f"bias must be on input's device {input.device}, got {bias.device}")
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """(..., N) -> (M, N) with a unit-stride last dim; a view when the strides allow it."""
+    n = t.shape[-1] if t.dim() > 0 else 1
+    rows = t.reshape(math.prod(t.shape[:-1]), n)
+    return rows if n == 1 or rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _bias_gelu(input: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    validate(input, bias, approximate)
+    backend = backends.resolve(OP, input.device, BACKENDS)
+    b = None if bias is None else bias.contiguous()
+    return _fwd(_as_rows(input), b, approximate, backend).view(input.shape)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu`` on fastattn's kernels: ``x·Φ(x)`` (``approximate="none"``, via erf) or
+    its tanh approximation (``"tanh"``). input: any shape and strides, float16, bfloat16
+    or float32. Returns a contiguous tensor of input's shape and dtype."""
+    return _bias_gelu(input, None, approximate)
+
+
+def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """``gelu(input + bias)`` in one pass; bias (N,) broadcasts over input's last dim N.
+
+    input (..., N): float16, bfloat16 or float32, any strides; bias in input's dtype or
+    float32. ``input + bias`` is formed in float32 and not rounded before the GELU (eager
+    ``F.gelu(input + bias)`` rounds it to input's dtype first). Returns a contiguous
+    tensor of input's shape and dtype; the backward gives input and bias gradients.
+    """
+    if bias is None:
+        raise TypeError("bias must be a torch.Tensor, got None (use gelu() without a bias)")
+    return _bias_gelu(input, bias, approximate)

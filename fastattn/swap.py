@@ -1,0 +1,188 @@
+"""Putting fastattn's kernels into models that already exist.
+
+* ``swap(model)`` replaces torch modules with fastattn's drop-ins, in place, keeping the
+  very same parameter tensors (shared, not copied), device, dtype and train/eval mode,
+  and returns a report of what it swapped and what it left and why.
+* ``enable()`` sends calls of ``F.scaled_dot_product_attention``, ``F.layer_norm``,
+  ``F.rms_norm`` and ``F.gelu`` made anywhere inside it to fastattn — for models that call
+  those functions directly — through a ``TorchFunctionMode``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from fastattn import functional, nn as fnn
+from fastattn.ops import gelu as gelu_op
+from fastattn.ops import layer_norm as layer_norm_op
+
+KINDS = ("layer_norm", "rms_norm", "gelu", "attention", "linear_gelu")
+
+# torch class -> (kind, fastattn class). fastattn's classes subclass these, so a swap
+# changes the module's class in place and every attribute, parameter and hook stays.
+_CLASS_SWAPS = {
+    nn.LayerNorm: ("layer_norm", fnn.LayerNorm),
+    nn.RMSNorm: ("rms_norm", fnn.RMSNorm),
+    nn.GELU: ("gelu", fnn.GELU),
+    nn.MultiheadAttention: ("attention", fnn.MultiheadAttention),
+}
+_FASTATTN_CLASSES = tuple(cls for _, cls in _CLASS_SWAPS.values()) + (fnn.LinearGELU,)
+
+
+@dataclasses.dataclass
+class SwapReport:
+    """What ``swap`` did: ``swapped`` and ``left`` are lists of (module path, what, why)."""
+
+    swapped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"swapped {len(self.swapped)} module(s), left {len(self.left)}"]
+        lines += [f"  swapped {path or '<root>'}: {what} ({why})"
+                  for path, what, why in self.swapped]
+        lines += [f"  left    {path or '<root>'}: {what} ({why})" for path, what, why in self.left]
+        return "\n".join(lines)
+
+
+def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, gelu: bool = True,
+         attention: bool = True, linear_gelu: bool = True) -> SwapReport:
+    """Replace, in place, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GELU``,
+    ``nn.MultiheadAttention`` and ``Linear → GELU`` pairs inside ``nn.Sequential`` with
+    fastattn's modules. Keyword flags turn each kind off.
+
+    Weights are shared (the same ``Parameter`` objects), as are device, dtype, training
+    mode and hooks; state dict keys do not change. Subclasses of those torch modules are
+    left alone (they may override ``forward``), as are modules fastattn already provides,
+    so swapping twice changes nothing. Returns a ``SwapReport``.
+    """
+    wanted = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu,
+              "attention": attention, "linear_gelu": linear_gelu}
+    report = SwapReport()
+    if linear_gelu:
+        _fuse_linear_gelu(model, report)
+    for path, module in model.named_modules():
+        cls = type(module)
+        if isinstance(module, _FASTATTN_CLASSES):
+            if not any(p == path for p, _, _ in report.swapped):
+                report.left.append((path, cls.__name__, "already a fastattn module"))
+            continue
+        if cls in _CLASS_SWAPS:
+            kind, new_cls = _CLASS_SWAPS[cls]
+            if not wanted[kind]:
+                report.left.append((path, cls.__name__, f"{kind}=False"))
+                continue
+            module.__class__ = new_cls
+            report.swapped.append((path, f"nn.{cls.__name__} -> fastattn.nn.{new_cls.__name__}",
+                                   "weights shared"))
+        else:
+            base = next((b for b in _CLASS_SWAPS if isinstance(module, b)), None)
+            if base is not None:
+                report.left.append((path, cls.__name__, f"a subclass of nn.{base.__name__} "
+                                    "(may override forward)"))
+    return report
+
+
+def _fuse_linear_gelu(model: nn.Module, report: SwapReport) -> None:
+    """In every ``nn.Sequential``, turn ``Linear, GELU`` into ``LinearGELU, Identity``: the
+    indices (and so the state dict keys) stay, the bias add moves into the GELU kernel."""
+    for path, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            lin, act = seq._modules[first], seq._modules[second]
+            if type(lin) is nn.Linear and type(act) is nn.GELU:
+                seq._modules[first] = _linear_gelu_from(lin, act.approximate)
+                seq._modules[second] = nn.Identity()
+                where = f"{path}.{first}" if path else first
+                report.swapped.append((where, f"nn.Linear + nn.GELU (at {second}) -> "
+                                       "fastattn.nn.LinearGELU + nn.Identity", "weights shared"))
+
+
+def _linear_gelu_from(lin: nn.Linear, approximate: str) -> fnn.LinearGELU:
+    new = fnn.LinearGELU.__new__(fnn.LinearGELU)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = lin.in_features, lin.out_features
+    new.approximate = approximate
+    new.weight = lin.weight                          # the same Parameter objects
+    new.bias = lin.bias
+    new.train(lin.training)
+    return new
+
+
+# --- enable(): intercept torch.nn.functional calls ---
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if input.dtype not in layer_norm_op.DTYPES:
+        return None
+    return layer_norm_op.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
+    if input.dtype not in layer_norm_op.DTYPES:
+        return None
+    return layer_norm_op.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _gelu(input, approximate="none"):
+    if input.dtype not in gelu_op.DTYPES:
+        return None
+    return gelu_op.gelu(input, approximate)
+
+
+_ROUTES = {
+    torch._C._nn.scaled_dot_product_attention: functional.scaled_dot_product_attention,
+    F.layer_norm: _layer_norm,
+    F.rms_norm: _rms_norm,
+    torch._C._nn.gelu: _gelu,
+}
+
+
+class FastattnMode(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention``, ``F.layer_norm``, ``F.rms_norm`` and
+    ``F.gelu`` to fastattn. Calls fastattn does not serve (other dtypes; for attention,
+    the cases ``fastattn.scaled_dot_product_attention`` documents) run torch's own."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = _ROUTES.get(func)
+        if route is not None:
+            out = route(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+_GLOBAL: list[FastattnMode] = []
+
+
+@contextmanager
+def enable() -> Iterator[None]:
+    """Inside the block, calls of ``F.scaled_dot_product_attention``, ``F.layer_norm``,
+    ``F.rms_norm`` and ``F.gelu`` — from any module or function — run on fastattn.
+
+    >>> with fastattn.enable():
+    ...     logits = model(tokens)      # a model that never heard of fastattn
+    """
+    with FastattnMode():
+        yield
+
+
+def enable_globally(on: bool = True) -> None:
+    """Turn the interception of ``enable()`` on (or off) for everything that follows."""
+    if on and not _GLOBAL:
+        mode = FastattnMode()
+        mode.__enter__()
+        _GLOBAL.append(mode)
+    elif not on and _GLOBAL:
+        _GLOBAL.pop().__exit__(None, None, None)
+
+
+def is_enabled_globally() -> bool:
+    return bool(_GLOBAL)
