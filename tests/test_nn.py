@@ -165,13 +165,15 @@ def test_multihead_attention_training_dropout_falls_back():
 # --- torch.compile ---
 
 class TinyModel(nn.Module):
+    """Every fastattn op: attention, (residual) LayerNorm, bias-GELU, RMSNorm."""
+
     def __init__(self):
         super().__init__()
-        self.ln = nn.LayerNorm(64)
-        self.attn = fastattn.nn.CausalSelfAttention(64, 4, n_kv_heads=2)
+        self.block = fastattn.nn.Block(64, 4, n_kv_heads=2)
+        self.norm = fastattn.nn.RMSNorm(64)
 
     def forward(self, x):
-        return x + self.attn(self.ln(x))
+        return self.norm(self.block(x))
 
 
 def test_compile_fullgraph_matches_eager():
