@@ -28,13 +28,13 @@ def extension_modules():
     with_cuda = (cpp_extension.CUDA_HOME is not None
                  and __import__("torch").version.cuda is not None
                  and os.environ.get("FASTATTN_EXT_CUDA", "1") == "1")
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-Wno-psabi"]  # the C++ standard is torch's choice
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "fastattn._C", sources + cuda_sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("FASTATTN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
         )
     else:
         ext = cpp_extension.CppExtension(
