@@ -1,0 +1,205 @@
+"""The ``fastattn`` command line (also ``python -m fastattn``).
+
+    fastattn bench [--op attention] [--device cpu|cuda] [--seq 1024,2048,4096] [--save]
+    fastattn info
+
+Each subcommand is an ``add_<name>_parser(subparsers)`` function, listed in ``COMMANDS``,
+that registers its arguments and sets ``func`` (called with the parsed arguments,
+returns the exit status) and ``parser`` (for errors); ``main`` dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+_HELP_SUFFIX = "Run `fastattn <command> --help` for the options of a command."
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _modes(text: str) -> list[str]:
+    from fastattn.benchmark import MODES
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(MODES)}, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
+# ------------------------------------------------------------------------- bench
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from fastattn.benchmark import OPS
+    p = sub.add_parser(
+        "bench", help="compare fastattn with naive attention and torch on this machine",
+        description="Time, TFLOP/s and extra peak memory of the naive baseline, torch's "
+                    "built-in and every fastattn backend that runs on the device, after "
+                    "checking each against the baseline. Defaults on CPU: B=1, H=8, D=64, "
+                    "float32, causal, T=1024,2048,4096; on CUDA: bfloat16, H=16, D=128, "
+                    "T=1024..16384 with B·T = 16384.")
+    p.add_argument("--op", choices=sorted(OPS), default="attention", help="op to benchmark")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seq", type=_positive_ints, metavar="T[,T...]",
+                   help="sequence lengths (default: 1024,2048,4096 on cpu)")
+    p.add_argument("--batch", type=_positive_int, help="batch size (default: 1 on cpu; "
+                   "16384 // T on cuda)")
+    p.add_argument("--heads", type=_positive_int, help="heads (default: 8 cpu, 16 cuda)")
+    p.add_argument("--head-dim", type=_positive_int, help="head dim (default: 64 cpu, "
+                   "128 cuda)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal mask (default: on)")
+    p.add_argument("--mode", type=_modes, default=["fwd", "fwd+bwd"], metavar="MODES",
+                   help="fwd and/or fwd+bwd, comma-separated (default: both)")
+    p.add_argument("--save", nargs="?", const="", default=None, metavar="DIR",
+                   help="write <op>.json and <op>.png into DIR (default: "
+                        "benchmarks/results/<device>/)")
+    p.add_argument("--quick", action="store_true",
+                   help="few repeats and a small peak matmul: a smoke test, not a measurement")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory measurement")
+    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                   help="CPU timing allocator: 'retain' keeps freed memory in glibc's heap "
+                        "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ = 1 TiB, as DESIGN.md "
+                        "asks); 'default' leaves glibc as it is, so every large output is "
+                        "page-faulted again on each call (default: retain)")
+    p.set_defaults(func=_run_bench, parser=p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from fastattn import benchmark as fb
+
+    cfg = fb.Config(op=args.op, device=args.device, dtype=args.dtype, sizes=args.seq,
+                    batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                    causal=args.causal, modes=args.mode, quick=args.quick,
+                    memory=args.memory, heap_retention=args.malloc == "retain")
+    try:
+        cfg = cfg.resolve()
+    except ValueError as e:
+        args.parser.error(str(e))
+    start = time.perf_counter()
+    print(f"fastattn bench: {cfg.op} on {cfg.device} ({cfg.dtype}), {fb.OPS[cfg.op].x} = "
+          f"{', '.join(map(str, cfg.sizes))}, {' and '.join(cfg.modes)}; progress on "
+          "stderr", flush=True)
+    load = fb.load_average()
+    if cfg.device == "cpu" and load and load[0] > fb.cpu_count() / 2:
+        print(f"note: the machine is busy (load average {load[0]} on {fb.cpu_count()} "
+              "cores): CPU timings will be noisy", flush=True)
+    results = fb.run(cfg)
+    results["provenance"]["command"] = " ".join(["fastattn", *args.argv])
+    print()
+    print(fb.describe(results))
+    print()
+    print(fb.format_table(results))
+    print()
+    print("\n".join(fb.summary(results)))
+    if args.save is not None:
+        json_path, png_path, note = fb.save(results, args.save or None)
+        print(f"\nsaved {json_path}" + (f" and {png_path}" if png_path else f" ({note})"))
+    phases = ", ".join(f"{k.replace('_', ' ')} {v} s" for k, v in results["durations_s"].items())
+    print(f"\ndone in {time.perf_counter() - start:.1f} s ({phases})")
+    return 1 if any(r["status"] == "wrong" for r in results["rows"]) else 0
+
+
+# -------------------------------------------------------------------------- info
+
+
+def add_info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="versions, devices and which backends can run where",
+                       description="Versions (python, torch, triton, CUDA), devices, and "
+                                   "for each backend whether it runs on each device and "
+                                   "why not.")
+    p.set_defaults(func=_run_info, parser=p)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import fastattn
+    from fastattn import backends, benchmark
+    from fastattn.ops import flash_attention
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"fastattn {fastattn.__version__}")
+    print(f"python   {platform.python_version()} ({sys.executable})")
+    print(f"torch    {torch.__version__}")
+    print(f"triton   {triton_version}")
+    print(f"CUDA     {torch.version.cuda or 'none (CPU-only torch build)'}")
+    print("\ndevices:")
+    print(f"  cpu     {benchmark.device_name('cpu')}, {torch.get_num_threads()} threads")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i}  {torch.cuda.get_device_name(i)}")
+        devices.append(torch.device("cuda"))
+    else:
+        print("  cuda    none available")
+    print(f"\nattention (fastattn.flash_attention) runs on backends: "
+          f"{', '.join(flash_attention.BACKENDS)}")
+    print("backends (default: triton on cuda, torch on cpu):")
+    for name in backends.BACKENDS:
+        for device in devices:
+            ok, why = backends.available(name, device)
+            print(f"  {name:<7} {device.type:<5} {'yes' if ok else 'no ':<4} {why}")
+        if not torch.cuda.is_available():
+            print(f"  {name:<7} {'cuda':<5} {'no ':<4} no CUDA device")
+    return 0
+
+
+# -------------------------------------------------------------------------- main
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_bench_parser,
+                                                                 add_info_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastattn", epilog=_HELP_SUFFIX,
+        description="fastattn: readable Triton kernels for causal flash-attention, "
+                    "LayerNorm and GELU.")
+    sub = parser.add_subparsers(title="commands", metavar="<command>")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    return args.func(args)
