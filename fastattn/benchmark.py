@@ -27,8 +27,10 @@ same for every implementation, and the setting is recorded in the results. glibc
 accepts thresholds above the 32 MiB that mallopt(3) gives as the maximum (that number
 caps only the *dynamic* threshold): checked with a 600 MiB block, freed and allocated
 again with no page faults, where a 32 MiB threshold faults all of it every time. Minor
-page faults per timed call are recorded; the heap can still grow (fragmentation) in the
-first calls of the naive baseline. The memory processes use the default allocator.
+page faults per timed call are recorded (and noted under the table): the heap can still
+grow (fragmentation) in the first calls of the naive baseline. ``Config.heap_retention``
+(``fastattn bench --malloc default``) times with glibc's defaults instead, for
+comparison. The memory processes use the default allocator.
 
 Processes on CPU: ``run`` (the caller) starts the timing child and the memory server at
 once, so that their imports overlap; the timing starts when both are ready, and the
@@ -63,6 +65,7 @@ from torch import Tensor
 import fastattn
 from fastattn import backends
 from fastattn.ops import flash_attention as _flash_op
+from fastattn import reference as _ref
 from fastattn.reference import naive_attention
 
 MODES = ("fwd", "fwd+bwd")
@@ -206,6 +209,147 @@ class AttentionBench(OpBench):
 OPS: dict[str, OpBench] = {"attention": AttentionBench()}
 
 
+# ------------------------------------------------------- bandwidth-bound ops
+
+
+def measure_copy_gbps(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict:
+    """The device's achievable bandwidth: a large tensor copy (read + write), GB/s at its
+    20 % quantile time. 1 GiB on CUDA, 256 MiB on CPU (64 MiB with ``quick``)."""
+    n_bytes = (64 << 20) if quick else ((1 << 30) if device.type == "cuda" else (256 << 20))
+    src = torch.randn(n_bytes // 4, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        best_ms = time_cuda(lambda: dst.copy_(src), quick).p20
+    else:
+        dst.copy_(src)
+        best_ms = time_cpu(lambda: dst.copy_(src), budget_s=0.1 if quick else 0.4).p20
+    moved = 2 * src.numel() * src.element_size()
+    return {"gbps": moved / (best_ms * 1e-3) / 1e9,
+            "how": f"copy of {moved // 2 >> 20} MiB ({dtype_name(dtype)}), read + write, "
+                   "20 % quantile time"}
+
+
+class _RowwiseBench(OpBench):
+    """An op over (M, N) rows; the sizes set the width N. Work is bytes moved: each input
+    read once and each output written once (parameters and statistics are ignored)."""
+    x = "N"
+    unit, work_key, rate_key, rate_scale = "GB/s", "bytes", "gbps", 1e9
+    # Tensors of M·N elements read + written, forward and backward.
+    fwd_tensors = bwd_tensors = 0
+
+    def peak(self, device, dtype, quick):
+        return measure_copy_gbps(device, dtype, quick)
+
+    def default_sizes(self, device):
+        return [768, 1024, 2048, 4096, 8192]
+
+    def shapes(self, device, cfg):
+        rows = cfg.batch or (16384 if device.type == "cuda" else 4096)
+        return [{"M": rows, "N": n} for n in cfg.sizes]
+
+    def work(self, shape, cfg, mode):
+        tensors = self.fwd_tensors + (self.bwd_tensors if mode == "fwd+bwd" else 0)
+        return tensors * shape["M"] * shape["N"] * torch.finfo(dtype_of(cfg.dtype)).bits / 8
+
+    def _fastattn_impls(self, device, cfg, op_backends, fn):
+        if cfg.load_ext:   # the (cached) JIT build; in every process of the run
+            fastattn.ext.load()
+        impls, skipped = [], {}
+        for backend in backends.BACKENDS:
+            name = f"fastattn/{backend}"
+            ok, why = backends.available(backend, device)
+            if backend not in op_backends:
+                ok, why = False, f"does not implement {self.name}"
+            elif ok and backend == "triton" and device.type == "cpu":
+                ok, why = False, "the Triton interpreter is too slow to benchmark"
+            if ok:
+                impls.append(Impl(name, "fastattn", fn, backend))
+            else:
+                skipped[name] = why
+        return impls, skipped
+
+    @staticmethod
+    def _rand(shape, dtype, device, g, scale=1.0):
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+
+class LayerNormBench(_RowwiseBench):
+    """LayerNorm over (M, N): the textbook formula vs ``F.layer_norm`` vs fastattn."""
+    name = "layer_norm"
+    fwd_tensors, bwd_tensors = 2, 3          # x → y; dy, x → dx
+
+    def impls(self, device, cfg):
+        from fastattn.ops import layer_norm as ln_op
+        base = [Impl("naive", "naive", lambda x, w, b: _ref.layer_norm(x, w, b)),
+                Impl("F.layer_norm", "torch",
+                     lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b))]
+        fast, skipped = self._fastattn_impls(
+            device, cfg, ln_op.BACKENDS, lambda x, w, b: fastattn.layer_norm(x, x.shape[-1:], w, b))
+        return base + fast, skipped
+
+    def inputs(self, shape, dtype, device, seed):
+        g = torch.Generator(device).manual_seed(seed)
+        m, n = shape["M"], shape["N"]
+        x = self._rand((m, n), dtype, device, g).requires_grad_()
+        w = (1 + self._rand((n,), dtype, device, g, 0.1)).requires_grad_()
+        b = self._rand((n,), dtype, device, g, 0.1).requires_grad_()
+        return (x, w, b), self._rand((m, n), dtype, device, g)
+
+
+class ResidualLayerNormBench(LayerNormBench):
+    """``LayerNorm(x + residual)`` returning the sum too (a pre-LN block's second norm):
+    add then ``F.layer_norm`` vs fastattn's one-pass kernel."""
+    name = "residual_layer_norm"
+    fwd_tensors, bwd_tensors = 4, 3          # x, r → h, y; dy, h → dx (= d residual)
+
+    def impls(self, device, cfg):
+        from fastattn.ops import layer_norm as ln_op
+
+        def fused(x, r, w, b):
+            y, _ = fastattn.layer_norm(x, x.shape[-1:], w, b, residual=r, return_residual=True)
+            return y
+
+        def unfused(norm):
+            return lambda x, r, w, b: norm(x + r, w, b)
+
+        base = [Impl("naive", "naive", unfused(lambda h, w, b: _ref.layer_norm(h, w, b))),
+                Impl("add+F.layer_norm", "torch",
+                     unfused(lambda h, w, b: F.layer_norm(h, h.shape[-1:], w, b)))]
+        fast, skipped = self._fastattn_impls(device, cfg, ln_op.BACKENDS, fused)
+        return base + fast, skipped
+
+    def inputs(self, shape, dtype, device, seed):
+        (x, w, b), dy = super().inputs(shape, dtype, device, seed)
+        g = torch.Generator(device).manual_seed(seed + 1000)
+        r = self._rand(tuple(x.shape), dtype, device, g).requires_grad_()
+        return (x, r, w, b), dy
+
+
+class BiasGeluBench(_RowwiseBench):
+    """``gelu(x + b)`` over (M, N): the erf formula vs ``F.gelu(x + b)`` vs fastattn's
+    fused kernel (bias gradient included)."""
+    name = "bias_gelu"
+    fwd_tensors, bwd_tensors = 2, 3          # x → y; dy, x → dx
+
+    def impls(self, device, cfg):
+        from fastattn.ops import gelu as gelu_op
+        base = [Impl("naive", "naive", lambda x, b: _ref.gelu(x, bias=b)),
+                Impl("F.gelu(x+b)", "torch", lambda x, b: F.gelu(x + b))]
+        fast, skipped = self._fastattn_impls(device, cfg, gelu_op.BACKENDS,
+                                             lambda x, b: fastattn.bias_gelu(x, b))
+        return base + fast, skipped
+
+    def inputs(self, shape, dtype, device, seed):
+        g = torch.Generator(device).manual_seed(seed)
+        m, n = shape["M"], shape["N"]
+        x = self._rand((m, n), dtype, device, g).requires_grad_()
+        b = self._rand((n,), dtype, device, g, 0.1).requires_grad_()
+        return (x, b), self._rand((m, n), dtype, device, g)
+
+
+OPS.update({op.name: op for op in (LayerNormBench(), ResidualLayerNormBench(), BiasGeluBench())})
+
+
 # ------------------------------------------------------------------------ configs
 
 
@@ -224,6 +368,7 @@ class Config:
     quick: bool = False                # fewer repeats: a smoke test, not a measurement
     memory: bool = True
     heap_retention: bool = True        # CPU timing with HEAP_RETENTION_ENV (else glibc's default)
+    load_ext: bool = False             # JIT-load the C++ extension (fastattn.ext.load())
 
     def resolve(self) -> Config:
         if self.op not in OPS:
@@ -266,16 +411,40 @@ def time_cpu(fn: Callable[[], Any], budget_s: float = CPU_BUDGET_S,
              min_repeats: int = MIN_REPEATS, max_repeats: int = 100) -> Timing:
     """Call ``fn`` (already warmed up) until ``budget_s`` is spent, at least
     ``min_repeats`` times; quantiles of the wall-clock times."""
-    times: list[float] = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats
-                                        or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return Timing(**{**asdict(_quantiles(times)), "faults_per_call": faults / len(times)})
+    timing = time_cpu_interleaved({"fn": fn}, budget_s, min_repeats, max_repeats)["fn"]
+    if isinstance(timing, Exception):
+        raise timing
+    return timing
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float = CPU_BUDGET_S,
+                         min_repeats: int = MIN_REPEATS, max_repeats: int = 100
+                         ) -> dict[str, Timing | Exception]:
+    """Time several functions (already warmed up) round by round, each called once per
+    round, so that load from other processes hits them alike: at least ``min_repeats``
+    rounds, more while ``budget_s`` per function lasts. A function that raises is
+    dropped; its exception is returned in place of its timing."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
+    failed: dict[str, Exception] = {}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - start
+                                    < budget_s * len(fns)) and len(failed) < len(fns):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001  reported per function
+                failed[name] = e
+                continue
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        rounds += 1
+    return {name: failed.get(name) or Timing(**{**asdict(_quantiles(times[name])),
+                                                "faults_per_call": faults[name] / rounds})
+            for name in fns}
 
 
 def time_cuda(fn: Callable[[], Any], quick: bool = False) -> Timing:
@@ -391,36 +560,60 @@ def _row(bench: OpBench, impl: Impl, shape: dict, mode: str) -> dict:
             "shape": shape, bench.x: shape[bench.x], "status": "ok"}
 
 
-def _measure_row(bench: OpBench, impl: Impl, shape: dict, mode: str, sets: list,
-                 ref: list[Tensor] | None, cfg: Config, device: torch.device,
-                 peak: float) -> dict:
-    """Check, then time (and on CUDA measure the memory of) one implementation at one
-    size. ``ref`` is None when the naive baseline, run in the benchmark dtype, is itself
-    the reference: the reference run was its check and warm-up."""
+def _check_row(bench: OpBench, impl: Impl, shape: dict, mode: str, sets: list,
+               ref: list[Tensor] | None, cfg: Config) -> dict:
+    """The row of one implementation at one size after its correctness check, which is
+    also its warm-up call. ``ref`` is None when the implementation, run in the benchmark
+    dtype, made the reference itself: that run was its check and warm-up."""
     row = _row(bench, impl, shape, mode)
-    try:
-        if ref is not None:
-            row["max_rel_error"] = check(impl, sets[0], ref, mode)   # also the warm-up
-            if not row["max_rel_error"] <= TOLERANCE[dtype_of(cfg.dtype)]:
-                row["status"] = "wrong"
-                return row
-        inputs = itertools.cycle(sets)
-        call = lambda: run_once(impl, *next(inputs), mode)  # noqa: E731
-        if device.type == "cuda":
-            t = time_cuda(call, cfg.quick)
-            row["extra_mem_mib"] = _cuda_extra_memory(call)
-        else:
-            t = time_cpu(call, budget_s=0.05 if cfg.quick else CPU_BUDGET_S)
-    except Exception as e:  # noqa: BLE001  an implementation that fails gets no number
-        row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if ref is None:
         return row
-    work = bench.work(shape, cfg, mode)
-    rate = work / (t.p50 * 1e-3) / bench.rate_scale
-    row.update({"time_ms": asdict(t), bench.work_key: work, bench.rate_key: rate,
-                "pct_peak": 100 * rate / peak})
+    try:
+        row["max_rel_error"] = check(impl, sets[0], ref, mode)
+    except Exception as e:  # noqa: BLE001  an implementation that fails gets no number
+        return _failed(row, e)
+    if not row["max_rel_error"] <= TOLERANCE[dtype_of(cfg.dtype)]:
+        row["status"] = "wrong"
     return row
+
+
+def _failed(row: dict, e: Exception) -> dict:
+    row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def _time_rows(bench: OpBench, impls: list[Impl], rows: list[dict], sets: list, mode: str,
+               cfg: Config, device: torch.device, peak: float) -> None:
+    """Time the implementations whose rows passed the check (and on CUDA measure their
+    memory): on CPU interleaved, round by round; on CUDA one after another."""
+    calls = {}
+    for impl, row in zip(impls, rows):
+        if row["status"] == "ok":
+            inputs = itertools.cycle(sets)
+            calls[impl.name] = (row, lambda impl=impl, inputs=inputs: run_once(
+                impl, *next(inputs), mode))
+    if device.type == "cuda":
+        timings: dict[str, Timing | Exception] = {}
+        for name, (row, call) in calls.items():
+            try:
+                timings[name] = time_cuda(call, cfg.quick)
+                row["extra_mem_mib"] = _cuda_extra_memory(call)
+            except Exception as e:  # noqa: BLE001
+                timings[name] = e
+    else:
+        timings = time_cpu_interleaved({name: call for name, (_, call) in calls.items()},
+                                       budget_s=0.05 if cfg.quick else CPU_BUDGET_S)
+    work = bench.work(rows[0]["shape"], cfg, mode)
+    for name, (row, _) in calls.items():
+        t = timings[name]
+        if isinstance(t, Exception):
+            _failed(row, t)
+            continue
+        rate = work / (t.p50 * 1e-3) / bench.rate_scale
+        row.update({"time_ms": asdict(t), bench.work_key: work, bench.rate_key: rate,
+                    "pct_peak": 100 * rate / peak})
 
 
 def _cuda_extra_memory(call: Callable[[], Any]) -> float:
@@ -461,17 +654,19 @@ def measure(cfg: Config) -> dict:
         # One reference run serves both modes: output and gradients.
         ref, ref_impl = reference(impls, *sets[0], modes[0])
         for mode in modes:
-            for impl in impls:
-                if ref is None:
-                    row = {**_row(bench, impl, shape, mode), "status": "error",
-                           "error": "no reference could be computed"}
-                else:
-                    own = impl is ref_impl and ref[0].dtype == dtype
-                    row = _measure_row(bench, impl, shape, mode, sets, None if own else ref,
-                                       cfg, device, peak[bench.rate_key])
+            if ref is None:
+                group = [{**_row(bench, impl, shape, mode), "status": "error",
+                          "error": "no reference could be computed"} for impl in impls]
+            else:
+                group = [_check_row(bench, impl, shape, mode, sets,
+                                    None if impl is ref_impl and ref[0].dtype == dtype else ref,
+                                    cfg) for impl in impls]
+                for row in group:
                     row["reference"] = f"{ref_impl.name} in {dtype_name(ref[0].dtype)}"
-                rows.append(row)
+                _time_rows(bench, impls, group, sets, mode, cfg, device, peak[bench.rate_key])
+            for row in group:
                 _progress(row, bench.x, start)
+            rows += group
         del sets, ref
     rows.sort(key=lambda r: (cfg.sizes.index(r[bench.x]), MODES.index(r["mode"])))  # stable
     return {"peak": peak, "rows": rows, "skipped": skipped, "threads": torch.get_num_threads()}
@@ -815,7 +1010,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
         faults = (r.get("time_ms") or {}).get("faults_per_call") or 0
         if faults > FAULTS_NOTE:
             notes.append(f"{r['impl']} {x}={r[x]} {r['mode']}: {faults:.0f} page faults per "
-                         "timed call (the heap was still growing: fresh memory)")
+                         "timed call (fresh memory from the OS: its first-touch cost is in "
+                         "the time)")
         cells.append([r["impl"], *([str(r["shape"]["B"])] if show_batch else []), str(r[x]),
                       r["mode"], time_cell,
                       _fmt(r.get(rate_key), "num"), _fmt(r.get("pct_peak"), "pct"),

@@ -63,8 +63,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seq", type=_positive_ints, metavar="T[,T...]",
-                   help="sequence lengths (default: 1024,2048,4096 on cpu)")
+    p.add_argument("--seq", "--sizes", type=_positive_ints, metavar="N[,N...]",
+                   help="the sizes swept: sequence lengths for attention (default: "
+                        "1024,2048,4096 on cpu), row widths for layer_norm, "
+                        "residual_layer_norm and bias_gelu (default: 768..8192)")
     p.add_argument("--batch", type=_positive_int, help="batch size (default: 1 on cpu; "
                    "16384 // T on cuda)")
     p.add_argument("--heads", type=_positive_int, help="heads (default: 8 cpu, 16 cuda)")
@@ -86,6 +88,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ = 1 TiB, as DESIGN.md "
                         "asks); 'default' leaves glibc as it is, so every large output is "
                         "page-faulted again on each call (default: retain)")
+    p.add_argument("--ext", dest="load_ext", action="store_true",
+                   help="JIT-build (or load the cached build of) the C++ extension first, "
+                        "so the ext backend is measured too (LayerNorm/GELU ops)")
     p.set_defaults(func=_run_bench, parser=p)
 
 
@@ -97,7 +102,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     cfg = fb.Config(op=args.op, device=args.device, dtype=args.dtype, sizes=args.seq,
                     batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                     causal=args.causal, modes=args.mode, quick=args.quick,
-                    memory=args.memory, heap_retention=args.malloc == "retain")
+                    memory=args.memory, heap_retention=args.malloc == "retain",
+                    load_ext=args.load_ext)
     try:
         cfg = cfg.resolve()
     except ValueError as e:
@@ -181,6 +187,28 @@ def _run_info(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_bench_parser,
                                                                  add_info_parser]
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from fastattn.train import add_train_arguments, train_main
+    p = sub.add_parser("train", help="train a GPT on fastattn's kernels",
+                       description="Train a GPT (fastattn.models.gpt) on a text file or "
+                                   "folder; by default on the Python standard library's "
+                                   "sources with a byte-level tokenizer.")
+    add_train_arguments(p)
+    p.set_defaults(func=train_main, parser=p)
+
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    from fastattn.train import add_sample_arguments, sample_main
+    p = sub.add_parser("sample", help="generate text from a training checkpoint",
+                       description="Generate from a checkpoint written by fastattn train "
+                                   "(KV-cache decoding).")
+    add_sample_arguments(p)
+    p.set_defaults(func=sample_main, parser=p)
+
+
+COMMANDS += [add_train_parser, add_sample_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

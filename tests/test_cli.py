@@ -122,6 +122,13 @@ def test_bench_on_missing_cuda_is_a_clear_error(capsys):
     assert "device 'cuda' is not available" in capsys.readouterr().err
 
 
+def test_allocator_setting_is_recorded_as_run():
+    retained = fb.allocator_setting("cpu", retain=True)
+    assert retained["timing"] == ("MALLOC_MMAP_THRESHOLD_=1099511627776 "
+                                  "MALLOC_TRIM_THRESHOLD_=1099511627776")
+    assert fb.allocator_setting("cpu", retain=False)["timing"].startswith("default")
+
+
 def test_attention_flops():
     fwd = 4 * 2 * 3 * 128 * 128 * 64
     assert fb.attention_flops(2, 3, 128, 128, 64, False) == fwd
