@@ -11,6 +11,7 @@ The CPU part is always compiled; the CUDA part when torch has CUDA and nvcc is f
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -28,18 +29,24 @@ def extension_modules():
     with_cuda = (cpp_extension.CUDA_HOME is not None
                  and __import__("torch").version.cuda is not None
                  and os.environ.get("FASTATTN_EXT_CUDA", "1") == "1")
-    cxx = ["-O3", "-Wno-psabi"]  # the C++ standard is torch's choice
+    # at::parallel_for is an OpenMP pragma compiled into the extension: without
+    # -fopenmp it runs on one thread (see fastattn.ext.openmp_flags).
+    import torch
+    openmp = (["-fopenmp"] if sys.platform.startswith("linux")
+              and "OpenMP" in torch.__config__.parallel_info() else [])
+    cxx = ["-O3", "-Wno-psabi", *openmp]  # the C++ standard is torch's choice
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "fastattn._C", sources + cuda_sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("FASTATTN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=openmp,
         )
     else:
         ext = cpp_extension.CppExtension(
             "fastattn._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx}, extra_link_args=openmp,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 import torch
 
@@ -104,6 +105,18 @@ def _sources(csrc: str) -> tuple[list[str], bool]:
     return sources, with_cuda
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's CPU threads are OpenMP's (Linux builds of torch), else [].
+
+    ``at::parallel_for`` is a header template: with OpenMP it is a ``#pragma omp
+    parallel`` compiled into the extension, which runs on one thread without this flag.
+    The extension then links ``libgomp.so.1``, the same soname as the copy torch loads, so
+    the loader reuses torch's runtime and its thread pool.
+    """
+    parallel = torch.__config__.parallel_info()
+    return ["-fopenmp"] if sys.platform.startswith("linux") and "OpenMP" in parallel else []
+
+
 def load(verbose: bool = False, build_directory: str | None = None) -> None:
     """Build ``csrc/`` just in time and register ``torch.ops.fastattn_ext.*``.
 
@@ -135,10 +148,11 @@ def load(verbose: bool = False, build_directory: str | None = None) -> None:
     build_directory = build_directory or default_build_directory()
     os.makedirs(build_directory, exist_ok=True)
     defines = ["-DFASTATTN_WITH_CUDA"] if with_cuda else []
+    openmp = openmp_flags()
     try:
         cpp_extension.load(
             name=_JIT_NAME, sources=sources, extra_include_paths=[csrc],
-            extra_cflags=["-O3", "-Wno-psabi", *defines],
+            extra_cflags=["-O3", "-Wno-psabi", *openmp, *defines], extra_ldflags=openmp,
             extra_cuda_cflags=["-O3", "--use_fast_math", *defines],
             build_directory=build_directory, verbose=verbose, is_python_module=False)
     except Exception as e:
