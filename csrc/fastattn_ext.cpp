@@ -28,6 +28,8 @@
 //     dx = dy·gelu'(x + bias) in x's dtype; dbias = Σ_rows dx in bias's dtype (deterministic).
 //
 //   cpu_isa() -> str: which instruction set the CPU kernels use on this machine.
+//   cpu_threads() -> int: how many threads at::parallel_for runs on when called from this
+//     library (1 if it was compiled without the threading runtime torch uses).
 //
 // The math of each kernel family sits next to its code: layer_norm_cpu.cpp, bias_gelu_cpu.cpp
 // (CPU), cuda/layer_norm.cu, cuda/bias_gelu.cu (CUDA).
@@ -36,11 +38,14 @@
 #include "cpu_vec.h"
 
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 // `import fastattn._C` (setup.py build) only has to run this; the ops register themselves
 // when the library is loaded. A JIT build (fastattn.ext.load) is loaded with
@@ -202,6 +207,20 @@ CpuIsa cpu_isa() {
 
 namespace {
 std::string cpu_isa_op() { return cpu::cpu_isa_name(cpu::cpu_isa()); }
+
+// at::parallel_for is inlined here: with OpenMP it is a pragma that needs -fopenmp when
+// this library is compiled, so ask it rather than at::get_num_threads().
+int64_t cpu_threads_op() {
+  const int64_t n = at::get_num_threads();
+  std::vector<std::atomic<int>> seen(static_cast<size_t>(n));
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < n) seen[static_cast<size_t>(t)].store(1);
+  });
+  int64_t used = 0;
+  for (auto& s : seen) used += s.load();
+  return used;
+}
 }  // namespace
 
 TORCH_LIBRARY(fastattn_ext, m) {
@@ -212,6 +231,7 @@ TORCH_LIBRARY(fastattn_ext, m) {
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa_op);
+  m.def("cpu_threads() -> int", &cpu_threads_op);
 }
 
 TORCH_LIBRARY_IMPL(fastattn_ext, CPU, m) {

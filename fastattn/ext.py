@@ -70,8 +70,9 @@ def describe() -> str:
         return f"not available: {_LOAD_ERROR}"
     devices = "CPU" + (" + CUDA" if _has_kernel("CUDA") else " only (no CUDA kernels)")
     how = "installed build fastattn._C" if _SOURCE == "installed" else "JIT build (ext.load())"
-    isa = getattr(torch.ops, _NAMESPACE).cpu_isa()
-    return f"available: {how}; kernels for {devices}; CPU kernels use {isa}"
+    ops = getattr(torch.ops, _NAMESPACE)
+    return (f"available: {how}; kernels for {devices}; CPU kernels use {ops.cpu_isa()} on "
+            f"{ops.cpu_threads()} thread(s)")
 
 
 def source_dir() -> str | None:

@@ -357,6 +357,13 @@ def test_status_and_describe(ops):
     assert ok, why
     assert ext.describe().startswith("available:")
     assert ops.cpu_isa() in ("avx512bf16", "avx512", "avx2", "generic")
+
+
+def test_kernels_use_torch_threads(ops):
+    """at::parallel_for is compiled into the extension: built without the threading
+    runtime torch uses (OpenMP's -fopenmp), it silently runs every kernel on one thread."""
+    for n in sorted({1, torch.get_num_threads()}):
+        assert _with_threads(n, ops.cpu_threads) == n
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn_ext::layer_norm_fwd", "CUDA"):
         ok, why = ext.status(torch.device("cuda"))
         assert not ok and "without CUDA kernels" in why
