@@ -1,379 +1,41 @@
-"""GPT training throughput: the naive GPT against the fast one, same config, one run.
+"""GPT training throughput, naive vs fast: the script and its pytest-benchmark cases.
 
-    python benchmarks/bench_gpt.py                                  # CPU: T = 256, 512, 1024
-    python benchmarks/bench_gpt.py --seq 1024 --steps 5 --save
-    python benchmarks/bench_gpt.py --device cuda --save            # GPT-2 small, bf16
+    python benchmarks/bench_gpt.py                       # CPU: T = 256, 512, 1024
+    python benchmarks/bench_gpt.py --seq 1024 --steps 8 --save
+    python benchmarks/bench_gpt.py --device cuda --save  # GPT-2 small, bf16
+    pytest benchmarks/bench_gpt.py --benchmark-only      # one step of a tiny model
 
-For each sequence length T and each variant (``naive``: textbook T×T attention and torch
-modules; ``fast``: fastattn's kernels) it builds the same model (same seed, so the same
-weights: checked), and times full training steps — forward, loss, backward, AdamW step —
-on one fixed batch. It reports
-
-* training tokens/s = B·T / median step time (CUDA: ``fastattn.benchmark.time_cuda``,
-  CUDA events; CPU: ``perf_counter`` around each step, the two variants' steps
-  interleaved in one process so that load from other processes hits both alike);
-* extra peak memory of a step (gradients, optimizer state and activations): CUDA
-  ``max_memory_allocated`` minus what was allocated before; CPU the peak RSS of a fresh
-  process that runs the case's first step, minus its RSS before it;
-* MFU = ``GPT.flops_per_token(T)`` (PaLM's 6·N + 12·L·H·Q·T) × tokens/s / peak, with the
-  peak the best of a few large matmuls measured in the same run
-  (``fastattn.benchmark.measure_peak_tflops``);
-* on CPU also the process CPU time per step (``time.process_time``): with ``--threads 1``
-  it hardly depends on other work on the machine, so its ratio is the steadier one on a
-  shared machine;
-* the first step's loss of each variant (they must agree, else both rows are marked
-  "wrong" and the script exits with status 1) and the fast/naive speed and memory ratios.
-
-On CPU the timing process is started with ``HEAP_RETENTION_ENV`` (freed memory stays in
-the heap, the same for both variants; see DESIGN.md); the memory processes use the
-default allocator. With ``--save``, results (with the harness's provenance: device,
-versions, commit, date, allocator, load average) go to
-``benchmarks/results/<device>/gpt.json`` and ``gpt.png``.
-
-Also collected by ``pytest benchmarks/ --benchmark-only`` (a tiny model, both variants).
+The measurement lives in ``fastattn.bench_gpt`` (so that ``fastattn bench --op gpt``
+works from an installed package); its docstring says what is measured and how.
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from types import SimpleNamespace
 
+import pytest
 import torch
 
-from fastattn import benchmark as fb
+from fastattn.bench_gpt import VARIANTS, main
 from fastattn.models import GPT, GPTConfig
 from fastattn.train import configure_optimizer
 
-VARIANTS = ("naive", "fast")
-LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-CPU_DEFAULTS = dict(seq_lens=[256, 512, 1024], n_layer=4, n_embd=256, n_head=4, batch=2,
-                    vocab_size=256, steps=5)
-CUDA_DEFAULTS = dict(seq_lens=[1024, 2048, 4096], n_layer=12, n_embd=768, n_head=12, batch=4,
-                     vocab_size=50304, steps=20)
 
-
-def _build(case: dict) -> tuple[GPT, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-    """The case's model (seed 0: naive and fast get the same weights), AdamW, one batch."""
-    device = torch.device(case["device"])
-    if case.get("threads"):
-        torch.set_num_threads(case["threads"])
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=case["vocab_size"], block_size=case["T"],
-                          n_layer=case["n_layer"], n_head=case["n_head"],
-                          n_embd=case["n_embd"], attention=case["variant"])).to(device)
-    opt = configure_optimizer(model, 1e-4, 0.1, (0.9, 0.95), fused=device.type == "cuda")
-    g = torch.Generator().manual_seed(1)
-    x, y = (torch.randint(0, case["vocab_size"], (case["batch"], case["T"]), generator=g)
-            .to(device) for _ in range(2))
-    return model, opt, x, y
-
-
-def _train_step(case: dict, model: GPT, opt, x, y, losses: list) -> Callable[[], None]:
-    """One training step: forward (autocast below fp32), loss, backward, AdamW."""
-    device, dtype = torch.device(case["device"]), fb.dtype_of(case["dtype"])
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return step
-
-
-def _facts(case: dict, model: GPT, losses: list, checksum: float) -> dict:
-    return {**case, "first_loss": float(losses[0]), "weights_checksum": checksum,
-            "flops_per_token": model.flops_per_token(case["T"]),
-            "non_embedding_params": model.num_params()}
-
-
-def _checksum(model: GPT) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
-
-
-def measure_case(case: dict) -> dict:
-    """Time one variant at one length in this process (the CUDA path) and measure the
-    extra peak memory of its steps. ``case``: variant, T, batch, n_layer, n_embd,
-    n_head, vocab_size, device, dtype, steps."""
-    device = torch.device(case["device"])
-    model, opt, x, y = _build(case)
-    checksum, losses = _checksum(model), []
-    step = _train_step(case, model, opt, x, y, losses)
-    base = _memory_before(device)
-    step()                                                    # warm-up; its loss is checked
-    if device.type == "cuda":
-        t = fb.time_cuda(step)
-    else:
-        t = fb.time_cpu(step, budget_s=0.0, min_repeats=case["steps"],
-                        max_repeats=case["steps"])
-    row = {**_facts(case, model, losses, checksum),
-           "extra_mem_mib": _extra_memory(device, base)}
-    return _with_time(row, t.p20, t.p50, t.p80)
-
-
-def time_interleaved(cases: list[dict]) -> list[dict]:
-    """CPU timing: build every case of one length, warm each up, then time their steps
-    in turn (naive, fast, naive, fast, ...) so that load from other processes on the
-    machine falls on both alike. Median and 20/80 % quantiles per case."""
-    built = []
-    for case in cases:
-        model, opt, x, y = _build(case)
-        losses: list = []
-        built.append((case, model, _checksum(model), losses,
-                      _train_step(case, model, opt, x, y, losses)))
-        built[-1][-1]()                                       # warm-up; its loss is checked
-    times: list[list[float]] = [[] for _ in built]
-    cpu: list[list[float]] = [[] for _ in built]
-    for _ in range(cases[0]["steps"]):
-        for i, (*_, step) in enumerate(built):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-            cpu[i].append((time.process_time() - c0) * 1e3)
-    rows = []
-    for (case, model, checksum, losses, _), ts, cs in zip(built, times, cpu):
-        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
-        row = _facts(case, model, losses, checksum)
-        # CPU time of the process per step: with --threads 1 it hardly depends on what
-        # else the machine runs, unlike wall time.
-        row["cpu_ms"] = statistics.median(cs)
-        rows.append(_with_time(row, q[1], statistics.median(ts), q[7]))
-    return rows
-
-
-def _with_time(row: dict, p20: float, p50: float, p80: float) -> dict:
-    tokens = row["batch"] * row["T"]
-    return {**row, "step_ms": p50, "step_ms_p20": p20, "step_ms_p80": p80,
-            "tokens_per_s": tokens / (p50 * 1e-3)}
-
-
-def _memory_before(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return _rss_bytes()
-
-
-def _extra_memory(device: torch.device, base: float) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-    return (peak - base) / 2**20
-
-
-def _rss_bytes() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _child(flag: str, payload, heap_retention: bool):
-    """Run this file with ``flag`` in a fresh process: JSON ``payload`` in, JSON out."""
-    env = {**os.environ, **(fb.HEAP_RETENTION_ENV if heap_retention else {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(fb.REPO_ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, flag], input=json.dumps(payload),
-                          stdout=subprocess.PIPE, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the benchmark process ({flag}) failed with exit status "
-                           f"{proc.returncode}")
-    return json.loads(proc.stdout)
-
-
-def run_gpt_bench(seq_lens: list[int] | None = None, steps: int | None = None,
-                  device: str | None = None, dtype: str | None = None,
-                  n_layer: int | None = None, n_embd: int | None = None,
-                  n_head: int | None = None, batch: int | None = None,
-                  vocab_size: int | None = None, isolate: bool | None = None,
-                  peak: dict | None = None, threads: int | None = None,
-                  verbose: bool = True) -> list[dict]:
-    """Measure naive and fast GPT training at each length; one dict per (T, variant).
-
-    Defaults: CPU — 4 layers, width 256, 4 heads, batch 2, vocab 256, fp32,
-    T = 256, 512, 1024, 5 timed steps per variant; CUDA — GPT-2 small (12 layers, 768,
-    12 heads), batch 4, vocab 50304, bf16 autocast, T = 1024, 2048, 4096.
-
-    CPU with ``isolate`` (default on Linux): the timing runs in one child process with
-    ``HEAP_RETENTION_ENV``, the variants' steps interleaved (``time_interleaved``), and
-    each case's memory in its own fresh process (default malloc, one step). Without it,
-    or on CUDA, ``measure_case`` runs here. ``peak``: a ``measure_peak_tflops`` result
-    to reuse (measured here otherwise). ``threads``: torch's CPU threads in every case
-    (default: torch's choice). Rows have ``tokens_per_s``, ``step_ms``,
-    ``extra_mem_mib``, ``mfu``, ``status`` ("ok", or "wrong" if the variants' weights
-    or first losses differ) and, for fast rows, ``speedup_vs_naive`` and
-    ``mem_ratio_vs_naive``.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
-    isolate = (device == "cpu" and sys.platform == "linux") if isolate is None else isolate
-    peak = peak or fb.measure_peak_tflops(torch.device(device), fb.dtype_of(dtype))
-    base = dict(n_layer=n_layer or d["n_layer"], n_embd=n_embd or d["n_embd"],
-                n_head=n_head or d["n_head"], batch=batch or d["batch"],
-                vocab_size=vocab_size or d["vocab_size"], device=device, dtype=dtype,
-                steps=steps or d["steps"], threads=threads)
-    rows = []
-    for t in seq_lens or d["seq_lens"]:
-        cases = [{**base, "variant": v, "T": t} for v in VARIANTS]
-        if isolate:
-            pair = _child("--_time", cases, heap_retention=True)
-            for row in pair:
-                mem = _child("--_case", {**row_case(row), "steps": 1}, heap_retention=False)
-                row["extra_mem_mib"] = mem["extra_mem_mib"]
-        else:
-            pair = [_measure_or_fail(c) for c in cases]
-        for row in pair:
-            if "tokens_per_s" in row:
-                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (
-                    peak["tflops"] * 1e12)
-            if verbose:
-                print(f"  T={t} {row['variant']}: " + (
-                    f"{row['tokens_per_s']:,.0f} tok/s, {row['extra_mem_mib']:,.0f} MiB"
-                    if "tokens_per_s" in row else row["error"]), file=sys.stderr, flush=True)
-        _compare(*pair)
-        rows += pair
-    return rows
-
-
-def _measure_or_fail(case: dict) -> dict:
-    """``measure_case``; a case that fails (the naive model out of GPU memory at long T)
-    gets a row with ``status`` "error" and the message instead of numbers."""
-    try:
-        return measure_case(case)
-    except Exception as e:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return {**case, "status": "error", "error": f"{type(e).__name__}: "
-                f"{str(e).splitlines()[0][:160] if str(e) else ''}"}
-
-
-def row_case(row: dict) -> dict:
-    keys = ("variant", "T", "batch", "n_layer", "n_embd", "n_head", "vocab_size", "device",
-            "dtype", "steps", "threads")
-    return {k: row[k] for k in keys}
-
-
-def _compare(naive: dict, fast: dict) -> None:
-    """Same weights, same first loss (else both rows are marked wrong); then ratios."""
-    if naive.get("status") == "error" or fast.get("status") == "error":
-        for row in (naive, fast):
-            row.setdefault("status", "ok")
-        return
-    rtol = LOSS_RTOL[fb.dtype_of(fast["dtype"])]
-    same_weights = abs(naive["weights_checksum"] - fast["weights_checksum"]) <= 1e-9 * max(
-        1.0, abs(naive["weights_checksum"]))
-    loss_err = abs(naive["first_loss"] - fast["first_loss"]) / abs(naive["first_loss"])
-    ok = same_weights and loss_err <= rtol
-    for row in (naive, fast):
-        row.update(status="ok" if ok else "wrong", loss_rel_diff=loss_err)
-    fast["speedup_vs_naive"] = fast["tokens_per_s"] / naive["tokens_per_s"]
-    if "cpu_ms" in fast:
-        fast["cpu_speedup_vs_naive"] = naive["cpu_ms"] / fast["cpu_ms"]
-    if naive["extra_mem_mib"] > 0 and fast["extra_mem_mib"] > 0:
-        fast["mem_ratio_vs_naive"] = naive["extra_mem_mib"] / fast["extra_mem_mib"]
-
-
-# ---------------------------------------------------------------------- results
-
-
-def results_document(rows: list[dict], peak: dict, command: str,
-                     load: list[float] | None) -> dict:
-    """The results with the harness's provenance (``load``: load average at the start)."""
-    device, dtype = rows[0]["device"], rows[0]["dtype"]
-    threads = rows[0].get("threads") or torch.get_num_threads()
-    prov = fb.provenance(SimpleNamespace(device=device, dtype=dtype), threads, load)
-    prov["command"] = command
-    return {"schema": 1, "op": "gpt", "x": "T", "unit": "tokens/s", "peak": peak,
-            "provenance": prov, "rows": rows}
-
-
-def format_table(rows: list[dict]) -> str:
-    header = ["T", "variant", "tokens/s", "step ms", "CPU ms", "extra MiB", "MFU %",
-              "speed vs naive", "CPU time naive/x", "mem naive/x", "status"]
-    ratio = lambda r, k: f"{r[k]:.2f}×" if k in r else "-"  # noqa: E731
-    cells = [[str(r["T"]), r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
-              f"{r['cpu_ms']:.1f}" if "cpu_ms" in r else "-", f"{r['extra_mem_mib']:,.0f}",
-              f"{100 * r['mfu']:.1f}", ratio(r, "speedup_vs_naive"),
-              ratio(r, "cpu_speedup_vs_naive"), ratio(r, "mem_ratio_vs_naive"), r["status"]]
-             if "tokens_per_s" in r else
-             [str(r["T"]), r["variant"], *["-"] * 8, f"{r['status']}: {r['error']}"]
-             for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    line = lambda c: "  ".join(v.rjust(w) for v, w in zip(c, widths))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells)])
-
-
-def describe(doc: dict) -> str:
-    r, prov = doc["rows"][0], doc["provenance"]
-    commit = (prov["commit"] or "no commit")[:10] + (" (dirty)" if prov["dirty"] else "")
-    return (f"GPT training on {prov['device']}: {r['n_layer']} layers, width {r['n_embd']}, "
-            f"{r['n_head']} heads, batch {r['batch']}, vocab {r['vocab_size']}, {r['dtype']}, "
-            f"AdamW; median of {r['steps']} steps; peak {doc['peak']['tflops']:.3g} TFLOP/s "
-            f"({doc['peak']['how']}); torch {prov['torch']}, {prov['threads']} threads; "
-            f"allocator: {prov['allocator']['timing']}; load average at start "
-            f"{prov.get('load_average_at_start')}; commit {commit}, {prov['date']}")
-
-
-def save(doc: dict, directory: str | Path | None = None) -> tuple[Path, Path | None]:
-    directory = Path(directory or fb.default_results_dir(doc["rows"][0]["device"]))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "gpt.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    try:
-        return path, plot(doc, directory / "gpt.png")
-    except ImportError:
-        return path, None
-
-
-def plot(doc: dict, path: Path) -> Path:
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4), layout="tight")
-    ax_t, ax_m = fig.subplots(1, 2)
-    for variant in VARIANTS:
-        mine = [r for r in doc["rows"] if r["variant"] == variant and r["status"] == "ok"
-                and "tokens_per_s" in r]
-        ts = [r["T"] for r in mine]
-        ax_t.plot(ts, [r["tokens_per_s"] for r in mine], "o-", label=variant)
-        ax_m.plot(ts, [r["extra_mem_mib"] for r in mine], "o-", label=variant)
-    sizes = sorted({r["T"] for r in doc["rows"]})
-    for ax, what in ((ax_t, "training tokens/s"), (ax_m, "extra peak memory (MiB)")):
-        ax.set(xlabel="sequence length T", ylabel=what, title=what)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(t) for t in sizes])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend()
-    prov = doc["provenance"]
-    fig.suptitle(f"GPT naive vs fast on {prov['device']}, torch {prov['torch']}, "
-                 f"{prov['date'][:10]}", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-# ------------------------------------------------------------- pytest-benchmark
-
-
-def pytest_generate_tests(metafunc):
-    if "variant" in metafunc.fixturenames:
-        metafunc.parametrize("variant", VARIANTS)
-
-
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gpt_train_step(benchmark, variant):
-    """One training step of a tiny GPT at T=128 (pytest benchmarks/ --benchmark-only)."""
+    """One AdamW training step of a tiny GPT at T=128; both variants start from the same
+    weights and must give the same loss before they are timed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128,
                           attention=variant)).to(device)
     opt = configure_optimizer(model, 1e-4, 0.1, (0.9, 0.95), fused=device == "cuda")
+    torch.manual_seed(1)
     x = torch.randint(0, 256, (4, 128), device=device)
+    with torch.no_grad():
+        loss = model(x, x)[1]
+    other = GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128,
+                          attention="naive" if variant == "fast" else "fast")).to(device)
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, x)[1], loss, rtol=1e-4, atol=1e-5)
 
     def step():
         model(x, x)[1].backward()
@@ -382,50 +44,11 @@ def test_gpt_train_step(benchmark, variant):
         if device == "cuda":
             torch.cuda.synchronize()
 
+    benchmark.group = "gpt train step T=128 B=4"
+    benchmark.extra_info.update(variant=variant, tokens=4 * 128, first_loss=float(loss))
     benchmark(step)
-
-
-# -------------------------------------------------------------------------- main
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:] in (["--_case"], ["--_time"]):   # a child process
-        work = measure_case if sys.argv[1] == "--_case" else time_interleaved
-        print(json.dumps(work(json.loads(sys.stdin.read()))))
-        return 0
-    p = argparse.ArgumentParser(description="Naive vs fast GPT training throughput.")
-    p.add_argument("--seq", type=_ints, help="sequence lengths (CPU: 256,512,1024)")
-    p.add_argument("--steps", type=int, help="timed steps per case (CPU 5)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    for name in ("n-layer", "n-embd", "n-head", "batch", "vocab-size"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
-                   "1 is steadier on a machine shared with other work)")
-    p.add_argument("--save", nargs="?", const="", metavar="DIR",
-                   help="write gpt.json and gpt.png (default benchmarks/results/<device>/)")
-    args = p.parse_args(argv)
-    start, load = time.perf_counter(), fb.load_average()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    if args.threads:
-        torch.set_num_threads(args.threads)             # also for the peak matmul
-    peak = fb.measure_peak_tflops(torch.device(device), fb.dtype_of(dtype))
-    rows = run_gpt_bench(args.seq, args.steps, device, dtype, args.n_layer, args.n_embd,
-                         args.n_head, args.batch, args.vocab_size, peak=peak,
-                         threads=args.threads)
-    doc = results_document(rows, peak, " ".join(["python", *sys.argv]), load)
-    print(describe(doc) + "\n")
-    print(format_table(rows))
-    if args.save is not None:
-        path, png = save(doc, args.save or None)
-        print(f"\nsaved {path}" + (f" and {png}" if png else " (no plot: needs matplotlib)"))
-    print(f"\ndone in {time.perf_counter() - start:.1f} s")
-    return 1 if any(r["status"] == "wrong" for r in rows) else 0
+    if benchmark.stats is not None:   # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = 4 * 128 / benchmark.stats.stats.median
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ and exits 1 if the README is out of date.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
+from fastattn import bench_gpt
 from fastattn.benchmark import describe, format_table, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,27 +51,16 @@ def block(entries: list[tuple[Path, dict]], readme_dir: Path) -> str:
 
 
 def render(results: dict) -> str:
-    """Caption and table of one results file: the harness's for its own documents; for
-    another op, ``readme_block(results)`` from ``benchmarks/bench_<op>.py`` if it has one,
-    else a generic table of the rows' scalar fields."""
+    """Caption and table of one results file: the harness's for its own documents, the
+    GPT benchmark's (``fastattn.bench_gpt.readme_block``) for ``gpt``, else a generic
+    table of the rows' scalar fields."""
     rows = results["rows"]
     if rows and all("impl" in r and "kind" in r for r in rows):
         return (f"{describe(results)}\n\n" + "".join(f"- {line}\n" for line in summary(results))
                 + f"\n{format_table(results, markdown=True)}")
-    own = _bench_module(results["op"])
-    if own is not None and hasattr(own, "readme_block"):
-        return own.readme_block(results)
+    if results["op"] == "gpt":
+        return bench_gpt.readme_block(results)
     return generic_table(rows)
-
-
-def _bench_module(op: str):
-    path = Path(__file__).with_name(f"bench_{op}.py")
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(f"bench_{op}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def generic_table(rows: list[dict]) -> str:

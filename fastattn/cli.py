@@ -58,7 +58,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     "checking each against the baseline. Defaults on CPU: B=1, H=8, D=64, "
                     "float32, causal, T=1024,2048,4096; on CUDA: bfloat16, H=16, D=128, "
                     "T=1024..16384 with B·T = 16384.")
-    p.add_argument("--op", choices=sorted(OPS), default="attention", help="op to benchmark")
+    p.add_argument("--op", choices=[*sorted(OPS), "gpt"], default="attention",
+                   help="op to benchmark; gpt: naive vs fast GPT training tokens/s (a "
+                        "4-layer width-256 model on cpu, GPT-2 small on cuda; --seq, "
+                        "--batch, --heads, --dtype, --quick, --save apply; "
+                        "python benchmarks/bench_gpt.py has every knob)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -94,10 +98,32 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_bench, parser=p)
 
 
+def _run_gpt_bench(args: argparse.Namespace) -> int:
+    from fastattn import bench_gpt
+
+    not_for_gpt = [flag for flag, given in (("--head-dim", args.head_dim is not None),
+                                            ("--no-causal", not args.causal),
+                                            ("--mode", args.mode != ["fwd", "fwd+bwd"]),
+                                            ("--ext", args.load_ext),
+                                            ("--malloc", args.malloc != "retain")) if given]
+    if args.device == "cuda" and not __import__("torch").cuda.is_available():
+        args.parser.error("--device cuda: torch sees no CUDA device here")
+    if not_for_gpt:
+        args.parser.error(f"{', '.join(not_for_gpt)} do(es) not apply to --op gpt (it times "
+                          "causal training steps: forward, backward and AdamW)")
+    return bench_gpt.bench_and_report(
+        " ".join(["fastattn", *args.argv]), seq_lens=args.seq, device=args.device,
+        dtype=args.dtype, quick=args.quick, memory=args.memory, save_dir=args.save,
+        n_head=args.heads, batch=args.batch)
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     import time
 
     from fastattn import benchmark as fb
+
+    if args.op == "gpt":
+        return _run_gpt_bench(args)
 
     cfg = fb.Config(op=args.op, device=args.device, dtype=args.dtype, sizes=args.seq,
                     batch=args.batch, heads=args.heads, head_dim=args.head_dim,

@@ -106,6 +106,9 @@ def test_no_command_prints_help(capsys):
     (["bench", "--heads", "-1"], "positive integer, got '-1'"),
     (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["bench", "--op", "gpt", "--head-dim", "64"], "--head-dim do(es) not apply to --op gpt"),
+    (["bench", "--op", "gpt", "--ext", "--no-causal"],
+     "--no-causal, --ext do(es) not apply to --op gpt"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -157,6 +160,47 @@ def test_wrong_implementation_gets_no_number(monkeypatch):
     assert "WRONG (err 1.0e-02)" in fb.format_table(results)
 
 
+@pytest.fixture(scope="module")
+def gpt_bench(tmp_path_factory):
+    """``fastattn bench --op gpt`` on the CPU: a 2-head model at T = 32, 64, saved."""
+    out = tmp_path_factory.mktemp("gpt-results")
+    proc = fastattn_cmd("bench", "--op", "gpt", "--device", "cpu", "--seq", "32,64",
+                        "--heads", "2", "--batch", "1", "--quick", "--save", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, out
+
+
+def test_gpt_bench_compares_variants_and_saves(gpt_bench):
+    proc, out = gpt_bench
+    doc = json.loads((out / "gpt.json").read_text())
+    assert doc["op"] == "gpt" and doc["provenance"]["command"].startswith("fastattn bench")
+    rows = {(r["T"], r["variant"]): r for r in doc["rows"]}
+    assert set(rows) == {(t, v) for t in (32, 64) for v in ("naive", "fast")}
+    for (t, variant), r in rows.items():
+        assert r["status"] == "ok" and r["n_head"] == 2 and r["batch"] == 1
+        assert r["tokens_per_s"] > 0 and r["extra_mem_mib"] >= 0 and 0 < r["mfu"] < 1
+        # same weights, the same first loss (checked by the benchmark before it reports)
+        assert r["first_loss"] == pytest.approx(rows[t, "naive"]["first_loss"], rel=1e-4)
+    for t in (32, 64):
+        fast, naive = rows[t, "fast"], rows[t, "naive"]
+        assert fast["speedup_vs_naive"] == pytest.approx(
+            fast["tokens_per_s"] / naive["tokens_per_s"])
+        assert f"fast GPT at T={t}: {fast['speedup_vs_naive']:.2f}× the naive" in proc.stdout
+    assert (out / "gpt.png").stat().st_size > 0
+
+
+def test_gpt_bench_rows_that_disagree_are_wrong():
+    from fastattn import bench_gpt
+    naive = {"dtype": "float32", "weights_checksum": 1.0, "first_loss": 5.0,
+             "tokens_per_s": 10.0, "extra_mem_mib": 2.0}
+    fast = {**naive, "first_loss": 5.5, "tokens_per_s": 20.0, "extra_mem_mib": 1.0}
+    bench_gpt._compare(naive, fast)
+    assert naive["status"] == fast["status"] == "wrong"
+    same = {**naive, "tokens_per_s": 30.0}
+    bench_gpt._compare(naive, same)
+    assert same["status"] == "ok" and same["speedup_vs_naive"] == 3.0
+
+
 def load_update_readme():
     spec = importlib.util.spec_from_file_location("update_readme",
                                                   ROOT / "benchmarks" / "update_readme.py")
@@ -165,8 +209,9 @@ def load_update_readme():
     return module
 
 
-def test_update_readme_replaces_only_the_marked_block(bench, tmp_path, capsys):
+def test_update_readme_replaces_only_the_marked_block(bench, gpt_bench, tmp_path, capsys):
     _, out = bench
+    _, gpt_out = gpt_bench
     results_dir = tmp_path / "results"
     (results_dir / "cpu-test-2c").mkdir(parents=True)
     for name in os.listdir(out):
@@ -188,6 +233,14 @@ def test_update_readme_replaces_only_the_marked_block(bench, tmp_path, capsys):
     assert "| fastattn/torch | 128 | fwd+bwd |" in text
     assert update_readme.main(argv + ["--check"]) == 0               # idempotent
     assert update_readme.main(argv) == 0 and readme.read_text() == text
+
+    for name in os.listdir(gpt_out):
+        (results_dir / "cpu-test-2c" / name).write_bytes((gpt_out / name).read_bytes())
+    readme.write_text(text + "<!-- results:gpt:begin -->\n<!-- results:gpt:end -->\n")
+    assert update_readme.main(argv) == 0
+    text = readme.read_text()
+    assert "results/cpu-test-2c/gpt.json" in text and "| 64 | fast |" in text
+    assert "- fast GPT at T=64: " in text
 
     other = {"op": "fakeop", "provenance": {"device": "Some CPU"},
              "rows": [{"T": 64, "variant": "fast", "tokens_per_s": 12345.6, "ok": True}]}
