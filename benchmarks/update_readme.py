@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fastattn import bench_gpt
-from fastattn.benchmark import describe, format_table, summary
+from fastattn.benchmark import (describe, describe_sweep, format_sweep_table, format_table,
+                                summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,8 @@ def render(results: dict) -> str:
                 + f"\n{format_table(results, markdown=True)}")
     if results["op"] == "gpt":
         return bench_gpt.readme_block(results)
+    if "runs" in results:                            # fastattn bench --sweep
+        return f"{describe_sweep(results)}\n\n{format_sweep_table(results, markdown=True)}"
     return generic_table(rows)
 
 

@@ -963,15 +963,15 @@ def default_results_dir(device: str) -> Path:
 
 
 def save(results: dict, directory: Path | str | None = None) -> tuple[Path, Path | None, str]:
-    """Write ``<op>.json`` and ``<op>.png`` into ``directory``. Returns the paths and a
-    note (why there is no plot, or "")."""
+    """Write ``<op>.json`` and ``<op>.png`` into ``directory`` (a ``run_sweep`` document:
+    ``<op>_sweep.*``). Returns the paths and a note (why there is no plot, or "")."""
     directory = Path(directory or default_results_dir(results["config"]["device"]))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{results['op']}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     png = directory / f"{results['op']}.png"
     try:
-        plot(results, png)
+        (plot_sweep if "runs" in results else plot)(results, png)
     except ImportError:
         return path, None, "no plot: matplotlib is not installed (pip install matplotlib)"
     return path, png, ""
@@ -1117,6 +1117,152 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"{results['op']} on {prov['device']}: {cfg['dtype']}, "
                  f"{'causal' if cfg['causal'] else 'not causal'}, {dims}; torch "
                  f"{prov['torch']}, {prov['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+# The settings a sweep crosses, per op and device; every combination is one ``run``.
+_SWEEP_AXES = {
+    "attention": {"cpu": {"head_dim": [32, 64, 128], "causal": [True, False],
+                          "dtype": ["float32", "bfloat16"]},
+                  "cuda": {"head_dim": [64, 128, 256], "causal": [True, False],
+                           "dtype": ["bfloat16", "float16"]}},
+    "rowwise": {"cpu": {"dtype": ["float32", "bfloat16"]},
+                "cuda": {"dtype": ["bfloat16", "float16", "float32"]}},
+}
+# One representative size per sweep (the size axis has its own runs): attention T, or
+# the row width of the bandwidth-bound ops.
+_SWEEP_SIZES = {"attention": {"cpu": [2048], "cuda": [8192]},
+                "rowwise": {"cpu": [4096], "cuda": [8192]}}
+
+
+def sweep_axes(op: str, device: str) -> dict[str, list]:
+    """{setting: values} that ``run_sweep`` crosses for ``op`` on ``device``."""
+    return _SWEEP_AXES["attention" if op == "attention" else "rowwise"][device]
+
+
+def run_sweep(cfg: Config, axes: dict[str, list] | None = None,
+              on_run: Callable[[dict], None] | None = None) -> dict:
+    """``run`` once per combination of ``axes`` (default ``sweep_axes``) on top of
+    ``cfg``, at ``cfg.sizes`` or one representative size. Returns a document whose
+    ``runs`` are the runs' own documents, so every number keeps its provenance;
+    ``on_run(doc)`` is called after each run (progress)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = "attention" if cfg.op == "attention" else "rowwise"
+    base = Config(**{**asdict(cfg), "device": device,
+                     "sizes": cfg.sizes or _SWEEP_SIZES[kind][device]}).resolve()
+    axes = axes or sweep_axes(cfg.op, device)
+    unknown = [a for a in axes if a not in ("head_dim", "causal", "dtype", "heads", "batch")]
+    if unknown:
+        raise ValueError(f"sweep axes must be among head_dim, causal, dtype, heads, batch; "
+                         f"got {unknown}")
+    load, start, runs = load_average(), time.perf_counter(), []
+    for values in itertools.product(*axes.values()):
+        doc = run(Config(**{**asdict(base), **dict(zip(axes, values))}))
+        doc["sweep_point"] = dict(zip(axes, values))
+        runs.append(doc)
+        if on_run is not None:
+            on_run(doc)
+    bench = OPS[cfg.op]
+    prov = dict(runs[0]["provenance"], load_average_at_start=load)
+    return {"schema": 1, "op": f"{cfg.op}_sweep", "sweep_of": cfg.op, "x": bench.x,
+            "unit": bench.unit, "rate_key": bench.rate_key, "axes": axes,
+            "config": asdict(base), "provenance": prov, "runs": runs,
+            "durations_s": {"total": round(time.perf_counter() - start, 1)}}
+
+
+def sweep_rows(doc: dict) -> list[dict]:
+    """The fastattn rows of every run, each with its sweep point: what the sweep table
+    and plot show (the naive and torch rows are in the ratios)."""
+    rows = []
+    for run_doc in doc["runs"]:
+        for r in run_doc["rows"]:
+            if r["kind"] == "fastattn":
+                rows.append({**run_doc["sweep_point"], **r})
+    return rows
+
+
+def format_sweep_table(doc: dict, markdown: bool = False) -> str:
+    """One line per sweep point, size, mode and fastattn backend."""
+    axes, x, rate = list(doc["axes"]), doc["x"], doc.get("rate_key", "tflops")
+    header = [*axes, x, "mode", "impl", "time ms", doc["unit"], "% peak", "speed vs naive",
+              "speed vs torch", "mem naive/x"]
+    cells = []
+    for r in sweep_rows(doc):
+        ok = r["status"] == "ok"
+        cells.append([*(("yes" if r[a] else "no") if a == "causal" else str(r[a])
+                        for a in axes),
+                      str(r[x]), r["mode"], r["impl"],
+                      _fmt(r["time_ms"]["p50"], "num") if ok else r["status"].upper(),
+                      _fmt(r.get(rate), "num"), _fmt(r.get("pct_peak"), "pct"),
+                      _fmt(r.get("speedup_vs_naive"), "ratio"),
+                      _fmt(r.get("speedup_vs_torch"), "ratio"),
+                      _fmt(r.get("mem_ratio_vs_naive"), "ratio")])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" for _ in header) + "|",
+                 *("| " + " | ".join(c) + " |" for c in cells)]
+        return "\n".join(lines + ["", f"- {LEGEND}"])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    line = lambda c: "  ".join(v.rjust(w) for v, w in zip(c, widths))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells),
+                      LEGEND])
+
+
+def describe_sweep(doc: dict) -> str:
+    """The sweep table's caption: what was crossed, at which size, where."""
+    first, prov = doc["runs"][0], doc["provenance"]
+    x = doc["x"]
+    shape = first["rows"][0]["shape"] if first["rows"] else first["shapes"][0]
+    swept = {{"head_dim": "D", "heads": "H", "batch": "B"}.get(a) for a in doc["axes"]}
+    fixed = ", ".join(f"{k}={v}" for k, v in shape.items() if k != x and k not in swept)
+    crossed = "; ".join(f"{a} ∈ {{{', '.join(map(str, v))}}}" for a, v in doc["axes"].items())
+    commit = (prov["commit"] or "no commit")[:10] + (" (dirty)" if prov["dirty"] else "")
+    return (f"{doc['sweep_of']} sweep on {prov['device']}: {crossed}; {x} = "
+            f"{', '.join(str(s) for s in doc['config']['sizes'])}, {fixed}; every point is a "
+            f"full `fastattn bench` run (naive, torch and fastattn, checked, then timed); "
+            f"torch {prov['torch']}, {prov['threads']} threads; allocator: "
+            f"{prov['allocator']['timing']}; commit {commit}, {prov['date']}")
+
+
+def plot_sweep(doc: dict, path: Path) -> None:
+    """Speed of each fastattn backend against naive and torch, one bar per sweep point,
+    a panel per mode. Raises ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in sweep_rows(doc) if r["status"] == "ok"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or list(MODES[:1])
+    impls = {r["impl"] for r in rows}
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+    def label(r: dict) -> str:
+        parts = [("causal" if r[a] else "full") if a == "causal" else
+                 f"D{r[a]}" if a == "head_dim" else short.get(r[a], f"{a}={r[a]}")
+                 for a in doc["axes"]]
+        return "\n".join(parts + ([r["impl"].removeprefix("fastattn/")] if len(impls) > 1
+                                   else []))
+    width = max(11.0, 0.7 * len(rows) / max(1, len(modes)))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(width, 3.8 * len(modes)), squeeze=False)
+    for (ax,), mode in zip(axes, modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        labels = [label(r) for r in mine]
+        pos = range(len(mine))
+        ax.bar([p - 0.2 for p in pos], [r.get("speedup_vs_naive", 0) for r in mine], 0.4,
+               label="speed vs naive")
+        ax.bar([p + 0.2 for p in pos], [r.get("speedup_vs_torch", 0) for r in mine], 0.4,
+               label="speed vs torch")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(list(pos), labels, fontsize=8)
+        ax.set(ylabel="× (higher is faster)", title=f"{doc['sweep_of']} {mode}")
+        ax.legend()
+    prov = doc["provenance"]
+    fig.suptitle(f"{doc['sweep_of']} sweep on {prov['device']}, torch {prov['torch']}, "
+                 f"{prov['date'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

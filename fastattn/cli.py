@@ -80,6 +80,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="causal mask (default: on)")
     p.add_argument("--mode", type=_modes, default=["fwd", "fwd+bwd"], metavar="MODES",
                    help="fwd and/or fwd+bwd, comma-separated (default: both)")
+    p.add_argument("--sweep", action="store_true",
+                   help="cross the settings instead of one run: attention head dim x "
+                        "causal x dtype (cpu: D 32,64,128, float32/bfloat16; cuda: D "
+                        "64,128,256, bfloat16/float16) at one T (cpu 2048, cuda 8192); "
+                        "layer_norm, residual_layer_norm, bias_gelu: dtype at one width. "
+                        "A setting given (--head-dim, --dtype, --no-causal, --seq) is "
+                        "held fixed instead; --save writes <op>_sweep.json/png")
     p.add_argument("--save", nargs="?", const="", default=None, metavar="DIR",
                    help="write <op>.json and <op>.png into DIR (default: "
                         "benchmarks/results/<device>/)")
@@ -105,7 +112,8 @@ def _run_gpt_bench(args: argparse.Namespace) -> int:
                                             ("--no-causal", not args.causal),
                                             ("--mode", args.mode != ["fwd", "fwd+bwd"]),
                                             ("--ext", args.load_ext),
-                                            ("--malloc", args.malloc != "retain")) if given]
+                                            ("--malloc", args.malloc != "retain"),
+                                            ("--sweep", args.sweep)) if given]
     if args.device == "cuda" and not __import__("torch").cuda.is_available():
         args.parser.error("--device cuda: torch sees no CUDA device here")
     if not_for_gpt:
@@ -115,6 +123,38 @@ def _run_gpt_bench(args: argparse.Namespace) -> int:
         " ".join(["fastattn", *args.argv]), seq_lens=args.seq, device=args.device,
         dtype=args.dtype, quick=args.quick, memory=args.memory, save_dir=args.save,
         n_head=args.heads, batch=args.batch)
+
+
+def _run_sweep(args: argparse.Namespace, cfg) -> int:
+    import time
+
+    from fastattn import benchmark as fb
+
+    cfg.resolve()                                   # a bad setting fails before any run
+    device = cfg.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    fixed = {"head_dim": args.head_dim is not None, "dtype": args.dtype is not None,
+             "causal": not args.causal}
+    axes = {a: v for a, v in fb.sweep_axes(cfg.op, device).items() if not fixed.get(a)}
+    if not axes:
+        args.parser.error("--sweep has nothing left to cross: every swept setting is fixed")
+    start = time.perf_counter()
+    print(f"fastattn bench --sweep: {cfg.op} on {device}, crossing "
+          + "; ".join(f"{a} {v}" for a, v in axes.items()) + "; progress on stderr",
+          flush=True)
+    point = lambda doc: ", ".join(f"{a}={v}" for a, v in doc["sweep_point"].items())  # noqa: E731
+    doc = fb.run_sweep(cfg, axes, on_run=lambda d: print(
+        f"  done: {point(d)}", file=sys.stderr, flush=True))
+    doc["provenance"]["command"] = " ".join(["fastattn", *args.argv])
+    print()
+    print(fb.describe_sweep(doc))
+    print()
+    print(fb.format_sweep_table(doc))
+    if args.save is not None:
+        json_path, png_path, note = fb.save(doc, args.save or None)
+        print(f"\nsaved {json_path}" + (f" and {png_path}" if png_path else f" ({note})"))
+    print(f"\ndone in {time.perf_counter() - start:.1f} s")
+    wrong = any(r["status"] == "wrong" for run in doc["runs"] for r in run["rows"])
+    return 1 if wrong else 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -131,6 +171,8 @@ def _run_bench(args: argparse.Namespace) -> int:
                     memory=args.memory, heap_retention=args.malloc == "retain",
                     load_ext=args.load_ext)
     try:
+        if args.sweep:
+            return _run_sweep(args, cfg)
         cfg = cfg.resolve()
     except ValueError as e:
         args.parser.error(str(e))

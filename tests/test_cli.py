@@ -107,6 +107,8 @@ def test_no_command_prints_help(capsys):
     (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["bench", "--op", "gpt", "--head-dim", "64"], "--head-dim do(es) not apply to --op gpt"),
+    (["bench", "--op", "bias_gelu", "--sweep", "--dtype", "float32"],
+     "--sweep has nothing left to cross"),
     (["bench", "--op", "gpt", "--ext", "--no-causal"],
      "--no-causal, --ext do(es) not apply to --op gpt"),
 ])
@@ -199,6 +201,32 @@ def test_gpt_bench_rows_that_disagree_are_wrong():
     same = {**naive, "tokens_per_s": 30.0}
     bench_gpt._compare(naive, same)
     assert same["status"] == "ok" and same["speedup_vs_naive"] == 3.0
+
+
+def test_sweep_crosses_settings_and_keeps_each_run(tmp_path):
+    """``run_sweep`` in this process (no memory processes): one full run per point."""
+    cfg = fb.Config(device="cpu", sizes=[32], heads=2, quick=True, memory=False,
+                    heap_retention=fb.heap_retention_active(), modes=["fwd"])
+    seen = []
+    doc = fb.run_sweep(cfg, {"head_dim": [16, 32], "causal": [True, False]},
+                       on_run=lambda d: seen.append(d["sweep_point"]))
+    points = [{"head_dim": d, "causal": c} for d in (16, 32) for c in (True, False)]
+    assert seen == points and [r["sweep_point"] for r in doc["runs"]] == points
+    for run, point in zip(doc["runs"], points):
+        assert run["config"]["head_dim"] == point["head_dim"]
+        assert run["config"]["causal"] is point["causal"]
+        assert {r["shape"]["D"] for r in run["rows"]} == {point["head_dim"]}
+        assert {r["impl"] for r in run["rows"]} >= {"naive", "sdpa", "fastattn/torch"}
+    rows = fb.sweep_rows(doc)
+    assert len(rows) == 4 and all(r["status"] == "ok" and "speedup_vs_naive" in r
+                                  for r in rows)
+    table = fb.format_sweep_table(doc)
+    assert table.splitlines()[0].split()[:4] == ["head_dim", "causal", "T", "mode"]
+    assert "attention sweep on" in fb.describe_sweep(doc)
+    json_path, png_path, _ = fb.save(doc, tmp_path)
+    assert json_path.name == "attention_sweep.json" and png_path.stat().st_size > 0
+    with pytest.raises(ValueError, match="sweep axes must be among"):
+        fb.run_sweep(cfg, {"colour": [1]})
 
 
 def load_update_readme():
