@@ -1,7 +1,10 @@
 """The ``fastattn`` command line (also ``python -m fastattn``).
 
-    fastattn bench [--op attention] [--device cpu|cuda] [--seq 1024,2048,4096] [--save]
+    fastattn bench [--op attention|...|gpt] [--device cpu|cuda] [--seq 1024,2048] [--save]
+    fastattn bench --sweep [--op attention]
     fastattn info
+    fastattn train / fastattn sample
+    fastattn profile [--op gpt|attention|layer_norm|bias_gelu]
 
 Each subcommand is an ``add_<name>_parser(subparsers)`` function, listed in ``COMMANDS``,
 that registers its arguments and sets ``func`` (called with the parsed arguments,
@@ -276,7 +279,12 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=sample_main, parser=p)
 
 
-COMMANDS += [add_train_parser, add_sample_parser]
+def add_profile_parser(sub: argparse._SubParsersAction) -> None:
+    from fastattn.profile import add_profile_parser as add
+    add(sub)
+
+
+COMMANDS += [add_train_parser, add_sample_parser, add_profile_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -292,7 +292,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         a = self.attn(self.ln1(x), cache)                            # (B, T, C)
-        y, h = self.ln2(a, residual=x, return_residual=True)         # h = x + a
+        # Under autocast a is in the autocast dtype and the residual stream x keeps its
+        # own: the sum takes the promoted dtype, as eager x + a would.
+        dtype = torch.promote_types(a.dtype, x.dtype)
+        y, h = self.ln2(a.to(dtype), residual=x.to(dtype), return_residual=True)  # h = x + a
         return h + self.mlp(y)
 
 

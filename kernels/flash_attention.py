@@ -68,6 +68,7 @@ Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -524,12 +525,19 @@ _INTERPRET_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DELTA_BLOCK_M = 16 if INTERPRET else 64
 
 
+# FASTATTN_AUTOTUNE=0: the first config of each list only, nothing benchmarked (a test
+# suite that compiles many shapes once each; the numbers come from tuned runs).
+_AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+
 def _by_head_dim(kernel, configs, big_d_configs):
     """Kernel to launch for a head dim: autotuned over ``configs`` (D <= 128) or
     ``big_d_configs`` (D > 128); under the interpreter the plain kernel, which the
     launchers give ``_INTERPRET_TILES``."""
     if INTERPRET:
         return lambda head_dim: kernel
+    if not _AUTOTUNE:
+        configs, big_d_configs = configs[:1], big_d_configs[:1]
     small = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
     big = triton.autotune(configs=big_d_configs, key=_AUTOTUNE_KEY)(kernel)
     return lambda head_dim: big if head_dim > 128 else small

@@ -2,6 +2,9 @@
 
 TRITON_INTERPRET must be set before anything imports triton, so it is set here, at
 collection start, unless the caller set it already (``TRITON_INTERPRET=0`` opts out).
+On a GPU the attention kernels are compiled with one config each instead of autotuned
+(``FASTATTN_AUTOTUNE=0``, unless set): the suite compiles many shapes once each, and
+autotuning would benchmark every config of every one. The benchmarks autotune.
 """
 import os
 
@@ -10,6 +13,7 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
