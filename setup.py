@@ -61,8 +61,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastattn", "fastattn.ops", "fastattn.models", "fastattn.integrations",
-              "fastattn.kernels"],
-    package_dir={"fastattn.kernels": "kernels"},
+              "fastattn.kernels", "fastattn.csrc"],
+    # csrc/ ships as fastattn/csrc too, so that fastattn.ext.load() can JIT-build the
+    # extension from a non-editable install (it is data, not a Python package).
+    package_dir={"fastattn.kernels": "kernels", "fastattn.csrc": "csrc"},
+    package_data={"fastattn.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh",
+                                    "cuda/*.cpp"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
