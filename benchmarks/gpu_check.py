@@ -113,7 +113,7 @@ def run_step(step: Step, out: Path, left_s: float) -> Outcome:
     start = time.perf_counter()
     try:
         proc = subprocess.run(step.argv, cwd=ROOT, capture_output=True, text=True,
-                              timeout=limit, env={**os.environ, **step.env})
+                              timeout=limit, env={**os.environ, **step.env}, check=False)
         output, status = proc.stdout + proc.stderr, (
             "ok" if proc.returncode == 0 else f"failed (exit status {proc.returncode})")
         stdout = proc.stdout
