@@ -55,14 +55,14 @@ def render(results: dict) -> str:
     """Caption and table of one results file: the harness's for its own documents, the
     GPT benchmark's (``fastattn.bench_gpt.readme_block``) for ``gpt``, else a generic
     table of the rows' scalar fields."""
+    if "runs" in results:                            # fastattn bench --sweep
+        return f"{describe_sweep(results)}\n\n{format_sweep_table(results, markdown=True)}"
     rows = results["rows"]
     if rows and all("impl" in r and "kind" in r for r in rows):
         return (f"{describe(results)}\n\n" + "".join(f"- {line}\n" for line in summary(results))
                 + f"\n{format_table(results, markdown=True)}")
     if results["op"] == "gpt":
         return bench_gpt.readme_block(results)
-    if "runs" in results:                            # fastattn bench --sweep
-        return f"{describe_sweep(results)}\n\n{format_sweep_table(results, markdown=True)}"
     return generic_table(rows)
 
 

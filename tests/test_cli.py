@@ -223,8 +223,14 @@ def test_sweep_crosses_settings_and_keeps_each_run(tmp_path):
     table = fb.format_sweep_table(doc)
     assert table.splitlines()[0].split()[:4] == ["head_dim", "causal", "T", "mode"]
     assert "attention sweep on" in fb.describe_sweep(doc)
-    json_path, png_path, _ = fb.save(doc, tmp_path)
+    json_path, png_path, _ = fb.save(doc, tmp_path / "results" / "cpu-test-2c")
     assert json_path.name == "attention_sweep.json" and png_path.stat().st_size > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:attention_sweep:begin -->\n"
+                      "<!-- results:attention_sweep:end -->\n")
+    argv = ["--readme", str(readme), "--results", str(tmp_path / "results")]
+    assert load_update_readme().main(argv) == 0
+    assert "| head_dim | causal | T | mode | impl |" in readme.read_text()
     with pytest.raises(ValueError, match="sweep axes must be among"):
         fb.run_sweep(cfg, {"colour": [1]})
 
