@@ -423,28 +423,13 @@ def bench_and_report(command: str, *, seq_lens: list[int] | None = None,
     return 1 if any(r["status"] == "wrong" for r in rows) else 0
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    values = _positive_ints(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"expected one integer >= 1, got {text!r}")
-    return values[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:] in (["--_case"], ["--_time"]):   # a child process
         work = measure_case if sys.argv[1] == "--_case" else time_interleaved
         print(json.dumps(work(json.loads(sys.stdin.read()))))
         return 0
+    from fastattn.cli import _positive_int, _positive_ints   # the CLI's argument types
+
     p = argparse.ArgumentParser(description="Naive vs fast GPT training throughput.")
     p.add_argument("--seq", type=_positive_ints, help="sequence lengths (CPU: 256,512,1024)")
     p.add_argument("--steps", type=_positive_int, help="timed steps per case (CPU 5)")
