@@ -78,8 +78,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_func`` on fastattn's kernels, for code written for flash-attn.
 
-    q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H. Returns (B, Tq, H, D)
-    (a transposed view of a contiguous (B, H, Tq, D) tensor). The causal mask is aligned
+    q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H. Returns a contiguous
+    (B, Tq, H, D) tensor, as flash-attn does (code written for it calls ``.view`` on
+    the result); that costs one copy of the output, O(T·H·D) next to the kernel's
+    O(T²·H·D). The causal mask is aligned
     bottom-right, as in flash-attn. ``deterministic`` is accepted: fastattn's backward is
     always deterministic. With ``return_attn_probs=True`` returns
     ``(out, softmax_lse, None)``: the log-sum-exp (B, H, Tq) in float32, and no dropout
@@ -106,5 +108,5 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                              f"got shape {tuple(t.shape)}")
     out, lse = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                causal=causal, scale=softmax_scale, return_lse=True)
-    out = out.transpose(1, 2)                                       # (B, Tq, H, D)
+    out = out.transpose(1, 2).contiguous()                          # (B, Tq, H, D)
     return (out, lse, None) if return_attn_probs else out

@@ -98,6 +98,17 @@ def _dot(a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _program_ids(T, BLOCK: tl.constexpr):
+    """(block index along T, batch·head index) of this program. The grid is flat, one
+    program per (block, head) pair with the block fastest (so programs that share K/V
+    run together): CUDA caps grid axes 1 and 2 at 65,535, which batched decoding
+    (e.g. batch 2048 × 32 heads) exceeds; axis 0 takes 2**31 − 1."""
+    n_blocks = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _key_range(m0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Key blocks for the query block starting at row m0: those starting in
@@ -192,8 +203,7 @@ def _attn_fwd_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -254,8 +264,7 @@ def _attn_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Δ_i = dO_i·O_i in fp32, the row term of the softmax VJP."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     O += b * stride_ob + h * stride_oh
@@ -337,8 +346,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_ids(Tk, BLOCK_N)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
     K += b * stride_kb + hk * stride_kh
@@ -445,8 +453,7 @@ def _attn_bwd_dq_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -578,6 +585,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              f"kernels index inside a head with int32 (< 2**31)")
 
 
+def _flat_grid(T: int, block: str, heads: int):
+    """Grid of ``_program_ids``: cdiv(T, meta[block]) blocks for each of ``heads``
+    (batch × heads) on axis 0."""
+    return lambda meta: (triton.cdiv(T, meta[block]) * heads,)
+
+
 def _flags(q: torch.Tensor, head_dim: int, causal: bool) -> dict:
     """Constexpr arguments shared by the attention kernels."""
     dot_fp32 = INTERPRET and q.dtype == torch.bfloat16
@@ -600,8 +613,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     Hkv, Tk = k.shape[1], k.shape[2]
     o = _empty((B, H, Tq, D), q.dtype, q.device)
     lse = _empty((B, H, Tq), torch.float32, q.device)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    launch(_attn_fwd(D))[grid](
+    launch(_attn_fwd(D))[_flat_grid(Tq, "BLOCK_M", B * H)](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         H, H // Hkv, Tq, Tk, scale * LOG2E, next_pow2(Tq), next_pow2(Tk),
@@ -628,19 +640,17 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dv = _empty((B, Hkv, Tk, D), q.dtype, q.device)
     flags = _flags(q, D, causal)
 
-    launch(_attn_bwd_delta_kernel)[(triton.cdiv(Tq, _DELTA_BLOCK_M), B * H)](
+    launch(_attn_bwd_delta_kernel)[_flat_grid(Tq, "BLOCK_M", B * H)](
         o, do, delta, *o.stride(), *do.stride(), *delta.stride(), H, Tq,
         HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=flags["BLOCK_D"])
 
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
                *delta.stride())
     lengths = (Tq, Tk, scale, scale * LOG2E, next_pow2(Tq), next_pow2(Tk))
-    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    launch(_attn_bwd_dkdv(D))[grid_kv](
+    launch(_attn_bwd_dkdv(D))[_flat_grid(Tk, "BLOCK_N", B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
         Hkv, H // Hkv, *lengths, **flags)
-    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    launch(_attn_bwd_dq(D))[grid_q](
+    launch(_attn_bwd_dq(D))[_flat_grid(Tq, "BLOCK_M", B * H)](
         q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
         H, H // Hkv, *lengths, **flags)
     return dq, dk, dv

@@ -34,6 +34,20 @@ def available_backends(op_backends=("triton", "ext", "torch")) -> list:
     return params
 
 
+def pytest_report_header(config):
+    """The versions that decide the numerics, on top of every run's output."""
+    import importlib.metadata as md
+
+    found = []
+    for name in ("torch", "triton", "numpy", "transformers"):
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return [f"fastattn: {', '.join(found)}; device {DEVICE}; triton interpreter {interp}"]
+
+
 def pytest_configure(config):
     """Build (or load the cached build of) the C++/CUDA extension before collection, so
     that every op test also runs on the ``ext`` backend. ``FASTATTN_TEST_EXT=0`` skips

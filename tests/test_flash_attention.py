@@ -18,6 +18,7 @@ import fastattn
 from conftest import DEVICE, available_backends
 from fastattn import reference
 from fastattn.ops import _attention_torch
+from tolerances import assert_within, attention_rounding_bound
 
 BACKENDS = available_backends(("triton", "torch"))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -111,7 +112,9 @@ def test_rows_without_keys_are_zero(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_magnitude_scores(backend):
-    """Scores of about ±1e4 must not overflow the online softmax."""
+    """Scores of about ±1e4 must not overflow the online softmax, and lose no more
+    accuracy than the fp32 rounding of such scores allows (the elementwise bound of
+    ``tolerances.attention_rounding_bound``; a fixed 1e-4 failed on a fresh clone)."""
     q, k, v = _inputs(1, 2, 2, 40, 40, 64, torch.float32, scale=60.0)
     o = _run(backend, q, k, v, True)
     do = torch.randn_like(o)
@@ -120,9 +123,10 @@ def test_large_magnitude_scores(backend):
     s = (q.detach().double() @ k.detach().double().transpose(-1, -2)) / 8
     assert s.abs().max() > 5e3
     assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads)
-    _assert_close(o, ro, None, torch.float32, "out")
-    # The softmax is nearly one-hot here, so dv is well conditioned; dq/dk are tiny.
-    _assert_close(grads[2], rgrads[2], None, torch.float32, "dv")
+    bounds = attention_rounding_bound(q.detach(), k.detach(), v.detach(), do, True, 64 ** -0.5)
+    assert_within(o, ro, bounds["out"], "out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_within(g, rg, bounds[name], name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -111,6 +111,10 @@ def test_flash_attn_func_layout_and_values(tq, tk, hkv):
     out, lse, probs = fastattn.flash_attn_func(q, k, v, causal=True, softmax_scale=0.2,
                                                deterministic=True, return_attn_probs=True)
     assert out.shape == (2, tq, 4, 32) and lse.shape == (2, 4, tq) and probs is None
+    # flash-attn returns a contiguous (B, T, H, D) tensor; code written for it calls
+    # .view(B, T, H * D) on it (a transposed view used to make that raise).
+    assert out.is_contiguous()
+    out.view(2, tq, 4 * 32)
     ref, rlse = fastattn.reference.attention(
         *(x.detach().double().transpose(1, 2) for x in (q, k, v)), causal=True, scale=0.2)
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
