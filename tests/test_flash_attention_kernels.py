@@ -30,11 +30,10 @@ pytest.importorskip("triton")
 
 from fastattn import reference  # noqa: E402
 from fastattn.kernels import flash_attention as fa  # noqa: E402
-from tolerances import assert_within, attention_rounding_bound  # noqa: E402
+from tolerances import assert_close, assert_within, attention_rounding_bound  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-FLOOR = {FP16: 2e-3, BF16: 1.6e-2}
 
 # (B, H, Hkv, Tq, Tk, D, dtype); each case runs causal and non-causal.
 CASES = [
@@ -93,18 +92,6 @@ def _run(q, k, v, do, causal, scale):
     return (o, lse, *fa.attn_bwd(do, q, k, v, o, lse, causal, scale))
 
 
-def _assert_close(got, ref64, eager, what):
-    """The tolerance rule of the module docstring; ``eager`` is None for fp32."""
-    err = (got.double() - ref64).abs().max().item()
-    size = 1.0 + ref64.abs().max().item()
-    if eager is None:
-        bound = 1e-4 * size
-    else:
-        eager_err = (eager.double() - ref64).abs().max().item()
-        bound = 2 * eager_err + FLOOR[got.dtype] * size
-    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
-
-
 def _assert_lse_close(lse, ref_lse):
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isneginf(lse), ~seen), "rows that see no key need lse = -inf"
@@ -128,10 +115,10 @@ def _check_against_reference(q, k, v, do, causal, scale):
         eo, egrads = None, (None,) * 3
     else:
         eo, _, egrads = _reference(q, k, v, do, causal, scale, q.dtype)
-    _assert_close(o, ro, eo, "out")
+    assert_close(o, ro, "out", eager=eo)
     _assert_lse_close(lse, rlse)
     for name, g, rg, eg in zip(("dq", "dk", "dv"), (dq, dk, dv), rgrads, egrads):
-        _assert_close(g, rg, eg, name)
+        assert_close(g, rg, name, eager=eg)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -22,12 +22,12 @@ from conftest import DEVICE, available_backends
 from fastattn import backends, reference
 from fastattn.ops import gelu as gelu_ops
 from fastattn.ops import layer_norm as ln
+from tolerances import FLOOR, assert_close
 
 BACKENDS = available_backends(("triton", "ext", "torch"))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
-FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # (rows, width, variant). Widths 1 and 3 (tiny, odd), 1000 (one block, masked tail), 4097
 # (one past a power of two) and 65536 (the chunked path); the wide ones with few rows.
@@ -100,14 +100,6 @@ def _eager(x, w, b, r, rms, dtype, eps=1e-5):
     return y, _grads(y, h, *xs)
 
 
-def _assert_close(got, ref64, eager, dtype, what, min_size=1e-3):
-    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    size = (ref64.abs().max().item() if ref64.numel() else 0.0) + min_size
-    eager_err = (eager.double() - ref64).abs().max().item() if eager.numel() else 0.0
-    bound = 2 * eager_err + FLOOR[dtype] * size
-    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
-
-
 def _check_against_float64(backend, x, w, b, r, rms, dtype, eps=1e-5):
     # Width 1 is degenerate: h − mean is 0 (LayerNorm) and x̂² is 1 (RMSNorm) up to
     # rounding, which rstd ≈ 1/√eps ≈ 316 then amplifies, so y's and the gradients'
@@ -120,7 +112,7 @@ def _check_against_float64(backend, x, w, b, r, rms, dtype, eps=1e-5):
     cast = [None if t is None else t.to(dtype) for t in (w, b)]
     ye, grads_e = _eager(x, cast[0], cast[1], r, rms, dtype, eps)
     assert y.dtype == x.dtype and y.shape == x.shape
-    _assert_close(y, y64, ye, dtype, "y", min_size)
+    assert_close(y, y64, "y", eager=ye, floor=FLOOR[dtype], min_size=min_size)
     if r is not None:
         # Triton's interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even),
         # so there h may sit one bf16 step (2**-7 relative) from torch's rounded sum.
@@ -129,7 +121,7 @@ def _check_against_float64(backend, x, w, b, r, rms, dtype, eps=1e-5):
     names = [n for n, t in zip(("dx", "dweight", "dbias", "dresidual"), (x, w, b, r))
              if t is not None]
     for name, got, ref, eag in zip(names, grads, grads64, grads_e):
-        _assert_close(got, ref, eag, dtype, name, min_size)
+        assert_close(got, ref, name, eager=eag, floor=FLOOR[dtype], min_size=min_size)
     for t, gr in zip([t for t in (x, w, b, r) if t is not None], grads):
         assert gr.dtype == t.dtype, f"gradient dtype {gr.dtype} != {t.dtype}"
 

@@ -112,3 +112,24 @@ def assert_within(got: Tensor, ref64: Tensor, bound: Tensor, what: str,
             f"{what}: error {err.flatten()[worst].item():.3g} > bound "
             f"{bound.flatten()[worst].item() + floor:.3g} at flat index {worst} "
             f"(max error {err.max().item():.3g})")
+
+
+# Floors, relative to the size of the result: a few eps of fp16/bf16 (for the cases
+# where eager torch happens to round well), 1e-4 for fp32 ops that accumulate in fp32.
+FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(got: Tensor, ref64: Tensor, what: str, eager: Tensor | None = None,
+                 floor: float | None = None, min_size: float = 1.0) -> None:
+    """flash-attention's rule: the max error against the float64 reference may be at
+    most 2× that of ``eager`` (the same math by eager torch in ``got``'s dtype), plus
+    ``floor`` (default ``FLOOR[got.dtype]``) × (min_size + max |ref64|). Without
+    ``eager`` only the floor applies (fp32 results held to their own accumulation)."""
+    def max_err(x: Tensor) -> float:
+        return (x.double() - ref64).abs().max().item() if x.numel() else 0.0
+
+    floor = FLOOR[got.dtype] if floor is None else floor
+    size = min_size + (ref64.abs().max().item() if ref64.numel() else 0.0)
+    bound = (2 * max_err(eager) if eager is not None else 0.0) + floor * size
+    err = max_err(got)
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
