@@ -14,7 +14,7 @@ from fastattn.functional import flash_attn_func, scaled_dot_product_attention
 from fastattn.ops.flash_attention import flash_attention
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
-from fastattn.swap import SwapReport, enable, enable_globally, swap  # noqa: E402  (rebinds .swap)
+from fastattn._swap import SwapReport, enable, enable_globally, swap
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastattn
+import fastattn._swap as swap_mod
 import fastattn.nn as fnn
-swap_mod = importlib.import_module("fastattn.swap")
 
 
 class SeedAttention(nn.Module):
@@ -123,6 +123,36 @@ def test_swap_options_and_subclasses():
     left = {path: why for path, _, why in report.left}
     assert left["0"] == "layer_norm=False"
     assert "subclass of nn.LayerNorm" in left["1"]
+
+
+def test_swap_reports_norms_and_activations_it_does_not_recognise():
+    """Regression (issue 11): on a Llama the report said "swapped 0 module(s), left 0",
+    hiding the LlamaRMSNorms and SiLU activations that swap leaves alone."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2)
+    report = fastattn.swap(transformers.LlamaForCausalLM(config))
+    left = {path: (what, why) for path, what, why in report.left}
+    assert report.swapped == []
+    assert str(report).startswith("swapped 0 module(s), left 7")   # 2 × (2 norms, act) + norm
+    what, why = left["model.norm"]
+    assert what == "LlamaRMSNorm" and "norm class fastattn does not recognise" in why
+    what, why = left["model.layers.1.mlp.act_fn"]
+    assert "activation class fastattn does not recognise" in why, what
+    torch_parts = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU(), nn.Linear(8, 8))
+    left = {path: why for path, _, why in fastattn.swap(torch_parts).left}
+    assert set(left) == {"0", "1"}
+    assert "norm class" in left["0"] and "activation class" in left["1"]
+
+
+def test_swap_names_one_thing():
+    """Regression (issue 11): ``fastattn.swap`` was both a module and the function that
+    rebinds it; the module is now ``fastattn._swap``."""
+    assert fastattn.swap is swap_mod.swap
+    assert fastattn.SwapReport is swap_mod.SwapReport and fastattn.enable is swap_mod.enable
+    assert fastattn.enable_globally is swap_mod.enable_globally
+    with pytest.raises(ModuleNotFoundError, match="fastattn.swap"):
+        importlib.import_module("fastattn.swap")
 
 
 def test_swap_keeps_dtype_and_device():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -59,7 +60,9 @@ def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, ge
     Weights are shared (the same ``Parameter`` objects), as are device, dtype, training
     mode and hooks; state dict keys do not change. Subclasses of those torch modules are
     left alone (they may override ``forward``), as are modules fastattn already provides,
-    so swapping twice changes nothing. Returns a ``SwapReport``.
+    so swapping twice changes nothing. Returns a ``SwapReport``; its ``left`` also names
+    the norm and activation modules of other classes (``LlamaRMSNorm``, ``nn.SiLU``,
+    transformers' ``GELUActivation``), which swap does not touch.
     """
     wanted = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu,
               "attention": attention, "linear_gelu": linear_gelu}
@@ -82,10 +85,27 @@ def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, ge
                                    "weights shared"))
         else:
             base = next((b for b in _CLASS_SWAPS if isinstance(module, b)), None)
-            if base is not None:
-                report.left.append((path, cls.__name__, f"a subclass of nn.{base.__name__} "
-                                    "(may override forward)"))
+            why = (f"a subclass of nn.{base.__name__} (may override forward)" if base is not None
+                   else _unrecognised(module))
+            if why is not None:
+                report.left.append((path, cls.__name__, why))
     return report
+
+
+# Activations that are not torch's (transformers' GELUActivation, SiLUActivation, ...);
+# norms are told by "Norm" in the class name (LlamaRMSNorm, T5LayerNorm, nn.GroupNorm).
+_ACTIVATION_NAME = re.compile(r"GELU|Gelu|SiLU|Swish|ReLU|Activation")
+
+
+def _unrecognised(module: nn.Module) -> str | None:
+    """Why a norm or activation module is left as it is, so the report names it; None for
+    every other module."""
+    name = type(module).__name__
+    if "Norm" in name:
+        return "a norm class fastattn does not recognise: swap replaces nn.LayerNorm, nn.RMSNorm"
+    if type(module).__module__ == nn.GELU.__module__ or _ACTIVATION_NAME.search(name):
+        return "an activation class fastattn does not recognise: swap replaces nn.GELU"
+    return None
 
 
 def _fuse_linear_gelu(model: nn.Module, report: SwapReport) -> None:
