@@ -16,24 +16,22 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastattn import functional, nn as fnn
-from fastattn.ops import gelu as gelu_op
-from fastattn.ops import layer_norm as layer_norm_op
+import fastattn.functional  # noqa: F401  (registers the attention drop-in for enable())
+from fastattn import nn as fnn
+from fastattn._warnings import warn_fallback
+from fastattn.ops import registry
 
-KINDS = ("layer_norm", "rms_norm", "gelu", "attention", "linear_gelu")
-
-# torch class -> (kind, fastattn class). fastattn's classes subclass these, so a swap
+# Every kind of module swap, from the registry (fastattn.nn declares them), plus the
+# Linear → GELU fusion done here. fastattn's classes subclass the torch ones, so a swap
 # changes the module's class in place and every attribute, parameter and hook stays.
-_CLASS_SWAPS = {
-    nn.LayerNorm: ("layer_norm", fnn.LayerNorm),
-    nn.RMSNorm: ("rms_norm", fnn.RMSNorm),
-    nn.GELU: ("gelu", fnn.GELU),
-    nn.MultiheadAttention: ("attention", fnn.MultiheadAttention),
-}
-_FASTATTN_CLASSES = tuple(cls for _, cls in _CLASS_SWAPS.values()) + (fnn.LinearGELU,)
+LINEAR_GELU = "linear_gelu"
+
+
+def kinds() -> tuple[str, ...]:
+    """The keyword flags of ``swap``."""
+    return (*registry.module_swaps(), LINEAR_GELU)
 
 
 @dataclasses.dataclass
@@ -51,11 +49,11 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, gelu: bool = True,
-         attention: bool = True, linear_gelu: bool = True) -> SwapReport:
+def swap(model: nn.Module, **enabled: bool) -> SwapReport:
     """Replace, in place, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GELU``,
     ``nn.MultiheadAttention`` and ``Linear → GELU`` pairs inside ``nn.Sequential`` with
-    fastattn's modules. Keyword flags turn each kind off.
+    fastattn's modules. Keyword flags turn each kind off: ``layer_norm``, ``rms_norm``,
+    ``gelu``, ``attention``, ``linear_gelu`` (``kinds()``; a new op's module adds its own).
 
     Weights are shared (the same ``Parameter`` objects), as are device, dtype, training
     mode and hooks; state dict keys do not change. Subclasses of those torch modules are
@@ -64,19 +62,24 @@ def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, ge
     the norm and activation modules of other classes (``LlamaRMSNorm``, ``nn.SiLU``,
     transformers' ``GELUActivation``), which swap does not touch.
     """
-    wanted = {"layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu,
-              "attention": attention, "linear_gelu": linear_gelu}
+    unknown = sorted(set(enabled) - set(kinds()))
+    if unknown:
+        raise TypeError(f"swap() got unknown kind(s) {unknown}; kinds: {list(kinds())}")
+    wanted = {kind: bool(enabled.get(kind, True)) for kind in kinds()}
+    class_swaps = {torch_cls: (kind, fast_cls)
+                   for kind, (torch_cls, fast_cls) in registry.module_swaps().items()}
+    fastattn_classes = tuple(cls for _, cls in class_swaps.values()) + (fnn.LinearGELU,)
     report = SwapReport()
-    if linear_gelu:
+    if wanted[LINEAR_GELU]:
         _fuse_linear_gelu(model, report)
     for path, module in model.named_modules():
         cls = type(module)
-        if isinstance(module, _FASTATTN_CLASSES):
+        if isinstance(module, fastattn_classes):
             if not any(p == path for p, _, _ in report.swapped):
                 report.left.append((path, cls.__name__, "already a fastattn module"))
             continue
-        if cls in _CLASS_SWAPS:
-            kind, new_cls = _CLASS_SWAPS[cls]
+        if cls in class_swaps:
+            kind, new_cls = class_swaps[cls]
             if not wanted[kind]:
                 report.left.append((path, cls.__name__, f"{kind}=False"))
                 continue
@@ -84,7 +87,7 @@ def swap(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, ge
             report.swapped.append((path, f"nn.{cls.__name__} -> fastattn.nn.{new_cls.__name__}",
                                    "weights shared"))
         else:
-            base = next((b for b in _CLASS_SWAPS if isinstance(module, b)), None)
+            base = next((b for b in class_swaps if isinstance(module, b)), None)
             why = (f"a subclass of nn.{base.__name__} (may override forward)" if base is not None
                    else _unrecognised(module))
             if why is not None:
@@ -138,30 +141,9 @@ def _linear_gelu_from(lin: nn.Linear, approximate: str) -> fnn.LinearGELU:
 
 # --- enable(): intercept torch.nn.functional calls ---
 
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if input.dtype not in layer_norm_op.DTYPES:
-        return None
-    return layer_norm_op.layer_norm(input, normalized_shape, weight, bias, eps)
 
-
-def _rms_norm(input, normalized_shape, weight=None, eps=None):
-    if input.dtype not in layer_norm_op.DTYPES:
-        return None
-    return layer_norm_op.rms_norm(input, normalized_shape, weight, eps)
-
-
-def _gelu(input, approximate="none"):
-    if input.dtype not in gelu_op.DTYPES:
-        return None
-    return gelu_op.gelu(input, approximate)
-
-
-_ROUTES = {
-    torch._C._nn.scaled_dot_product_attention: functional.scaled_dot_product_attention,
-    F.layer_norm: _layer_norm,
-    F.rms_norm: _rms_norm,
-    torch._C._nn.gelu: _gelu,
-}
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
 
 class FastattnMode(TorchFunctionMode):
@@ -169,13 +151,21 @@ class FastattnMode(TorchFunctionMode):
     ``F.gelu`` to fastattn. Calls fastattn does not serve (other dtypes; for attention,
     the cases ``fastattn.scaled_dot_product_attention`` documents) run torch's own."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes = registry.function_routes()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        route = _ROUTES.get(func)
+        route = self.routes.get(func)
         if route is not None:
-            out = route(*args, **kwargs)
-            if out is not None:
-                return out
+            spec, dropin = route
+            first = _first_tensor(args, kwargs)
+            if first is not None and first.dtype in spec.dtypes:
+                return dropin(*args, **kwargs)
+            warn_fallback(f"fastattn.enable ({func.__name__})",
+                          f"dtype {None if first is None else first.dtype} (fastattn "
+                          f"{spec.name} takes {', '.join(map(str, spec.dtypes))})")
         return func(*args, **kwargs)
 
 

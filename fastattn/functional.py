@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn._warnings import warn_fallback
+from fastattn.ops import registry
 from fastattn.ops.flash_attention import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
 
 
@@ -110,3 +111,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                                causal=causal, scale=softmax_scale, return_lse=True)
     out = out.transpose(1, 2).contiguous()                          # (B, Tq, H, D)
     return (out, lse, None) if return_attn_probs else out
+
+
+# F.scaled_dot_product_attention is this builtin; the drop-in falls back itself (warning).
+registry.replaces_function("flash_attention", torch._C._nn.scaled_dot_product_attention,
+                           scaled_dot_product_attention)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn._warnings import warn_fallback
+from fastattn.ops import registry
 from fastattn.ops.flash_attention import flash_attention
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
@@ -230,6 +231,12 @@ class GELU(nn.GELU):
 
     def forward(self, input: Tensor) -> Tensor:
         return gelu(input, self.approximate)
+
+
+registry.replaces_module("attention", nn.MultiheadAttention, MultiheadAttention)
+registry.replaces_module("layer_norm", nn.LayerNorm, LayerNorm)
+registry.replaces_module("rms_norm", nn.RMSNorm, RMSNorm)
+registry.replaces_module("gelu", nn.GELU, GELU)
 
 
 class LinearGELU(nn.Linear):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import fastattn
 import fastattn._swap as swap_mod
 import fastattn.nn as fnn
+from fastattn._warnings import FallbackWarning
+from routing import fastattn_ops
 
 
 class SeedAttention(nn.Module):
@@ -164,31 +166,27 @@ def test_swap_keeps_dtype_and_device():
 
 
 def test_enable_routes_functional_calls():
-    calls = []
     model = SeedBlock(64, 4)
     x = torch.randn(2, 7, 64)
     mask = torch.tril(torch.ones(7, 7))
     ref = model(x, mask)
-    routes = dict(swap_mod._ROUTES)
-    try:
-        for func, route in routes.items():
-            swap_mod._ROUTES[func] = (lambda r, name: lambda *a, **k: calls.append(name) or r(
-                *a, **k))(route, getattr(func, "__name__", str(func)))
-        with fastattn.enable():
-            out = model(x, mask)
-    finally:
-        swap_mod._ROUTES.update(routes)
+    with fastattn.enable(), fastattn_ops() as ran:
+        out = model(x, mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert calls.count("layer_norm") == 2 and calls.count("gelu") == 1
+    assert ran["layer_norm_fwd"] == 2 and ran["bias_gelu_fwd"] == 1, ran
 
 
 def test_enable_sdpa_and_fallback_for_unsupported_dtype():
     q = torch.randn(1, 2, 9, 16)
     ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-    with fastattn.enable():
+    import fastattn._warnings as w
+    w._SEEN.clear()
+    with fastattn.enable(), fastattn_ops() as ran:
         out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         x64 = torch.randn(3, 8, dtype=torch.float64)
-        y64 = F.layer_norm(x64, (8,))                   # float64: torch's own, no error
+        with pytest.warns(FallbackWarning, match="dtype torch.float64"):
+            y64 = F.layer_norm(x64, (8,))               # float64: torch's own, said once
+    assert ran == {"flash_attention_fwd": 1}
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(y64, F.layer_norm(x64, (8,)))
 
@@ -199,7 +197,10 @@ def test_enable_globally_on_and_off():
     try:
         assert swap_mod.is_enabled_globally()
         x = torch.randn(4, 8)
-        torch.testing.assert_close(F.gelu(x), 0.5 * x * (1 + torch.erf(x / 2 ** 0.5)))
+        with fastattn_ops() as ran:
+            y = F.gelu(x)
+        assert ran["bias_gelu_fwd"] == 1                # routed, not torch's own F.gelu
+        torch.testing.assert_close(y, 0.5 * x * (1 + torch.erf(x / 2 ** 0.5)))
     finally:
         swap_mod.enable_globally(False)
     assert not swap_mod.is_enabled_globally()

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from fastattn import backends
 from fastattn.ops import _attention_torch
+from fastattn import reference
+from fastattn.ops import registry
 from fastattn.ops._registry import kernel_op
 
 OP = "flash_attention"
@@ -141,3 +143,48 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     backend = backends.resolve(OP, q.device, BACKENDS)
     o, lse = _fwd(q, k, v, bool(causal), scale, backend)
     return (o, lse.detach()) if return_lse else o
+
+
+# ------------------------------------------------------------------ registry entry
+
+
+def _shape(size: int, device: torch.device, batch: int | None = None, heads: int | None = None,
+           head_dim: int | None = None) -> dict:
+    gpu = device.type == "cuda"
+    # On GPU keep B·T at 16k tokens, so every size does comparable work.
+    return {"B": batch or (max(1, 16384 // size) if gpu else 1), "H": heads or (16 if gpu else 8),
+            "T": size, "D": head_dim or (128 if gpu else 64)}
+
+
+def _model_shape(batch: int, seq: int, d_model: int, n_head: int, n_kv_head: int,
+                 mlp: int) -> dict:
+    return {"B": batch, "H": n_head, "H_kv": n_kv_head, "T": seq, "D": d_model // n_head}
+
+
+def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int):
+    g = torch.Generator(device).manual_seed(seed)
+    b, h, t, d = shape["B"], shape["H"], shape["T"], shape["D"]
+    hkv = shape.get("H_kv", h)
+    q = registry.randn((b, h, t, d), dtype, device, g, grad=True)
+    k, v = (registry.randn((b, hkv, t, d), dtype, device, g, grad=True) for _ in range(2))
+    return (q, k, v), registry.randn((b, h, t, d), dtype, device, g)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+
+registry.register(registry.OpSpec(
+    name=OP, family=OP, summary="exact attention on (B, H, T, D), never the T×T matrix",
+    backends=BACKENDS, dtypes=DTYPES,
+    custom_ops=("fastattn::flash_attention_fwd", "fastattn::flash_attention_bwd"),
+    x="T", sizes={"cuda": (1024, 2048, 4096, 8192, 16384), "cpu": (1024, 2048, 4096)},
+    shape=_shape, model_shape=_model_shape, inputs=_inputs,
+    fast=lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
+    naive=lambda q, k, v, causal: reference.naive_attention(q, k, v, causal),
+    builtin=("sdpa", _sdpa),
+    reference=lambda q, k, v, causal: reference.attention(q, k, v, causal)[0],
+    work=lambda shape, dtype, mode, causal: registry.attention_flops(
+        shape["B"], shape["H"], shape["T"], shape["T"], shape["D"], causal, mode),
+    unit="flops", options={"causal": True}))

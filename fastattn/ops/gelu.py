@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import backends
+from fastattn import reference
+from fastattn.ops import registry
 from fastattn.ops._registry import kernel_op
 
 OP = "gelu"
@@ -157,3 +159,34 @@ def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     if bias is None:
         raise TypeError("bias must be a torch.Tensor, got None (use gelu() without a bias)")
     return _bias_gelu(input, bias, approximate)
+
+
+# ------------------------------------------------------------------ registry entry
+
+
+def _model_shape(batch: int, seq: int, d_model: int, n_head: int, n_kv_head: int,
+                 mlp: int) -> dict:
+    return {"M": batch * seq, "N": mlp}
+
+
+def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int):
+    g = torch.Generator(device).manual_seed(seed)
+    rows = (shape["M"], shape["N"])
+    x = registry.randn(rows, dtype, device, g, grad=True)
+    b = registry.randn((shape["N"],), dtype, device, g, 0.1, grad=True)
+    return (x, b), registry.randn(rows, dtype, device, g)
+
+
+registry.register(registry.OpSpec(
+    name=OP, family=OP, summary="gelu(x + b) over (M, N), the bias add fused",
+    backends=BACKENDS, dtypes=DTYPES,
+    custom_ops=("fastattn::bias_gelu_fwd", "fastattn::bias_gelu_bwd"),
+    x="N", sizes=registry.ROWWISE_SIZES, shape=registry.rowwise_shape,
+    model_shape=_model_shape, inputs=_inputs,
+    fast=lambda x, b, approximate: bias_gelu(x, b, approximate),
+    naive=lambda x, b, approximate: reference.gelu(x, approximate, b),
+    builtin=("F.gelu(x+b)", lambda x, b, approximate: F.gelu(x + b, approximate=approximate)),
+    reference=lambda x, b, approximate: reference.gelu(x, approximate, b),
+    work=registry.rowwise_bytes(2, 3),                     # x → y; dy, x → dx
+    unit="bytes", options={"approximate": "none"}))
+registry.replaces_function(OP, torch._C._nn.gelu, gelu)             # F.gelu is this builtin

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from fastattn import backends
+from fastattn import reference
+from fastattn.ops import registry
 from fastattn.ops._registry import kernel_op
 
 OP = "layer_norm"
@@ -351,3 +353,65 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     if eps is None and isinstance(input, Tensor) and input.dtype.is_floating_point:
         eps = torch.finfo(input.dtype).eps
     return _norm(input, normalized_shape, weight, None, eps, residual, return_residual, True)
+
+
+# ----------------------------------------------------------------- registry entries
+
+
+def _model_shape(batch: int, seq: int, d_model: int, n_head: int, n_kv_head: int,
+                 mlp: int) -> dict:
+    return {"M": batch * seq, "N": d_model}
+
+
+def _params(shape: dict, dtype: torch.dtype, device: torch.device, g: torch.Generator,
+            bias: bool = True) -> tuple[Tensor, ...]:
+    w = (1 + registry.randn((shape["N"],), dtype, device, g, 0.1)).requires_grad_()
+    if not bias:
+        return (w,)
+    return w, registry.randn((shape["N"],), dtype, device, g, 0.1, grad=True)
+
+
+def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int,
+            residual: bool = False, bias: bool = True):
+    g = torch.Generator(device).manual_seed(seed)
+    rows = (shape["M"], shape["N"])
+    x = registry.randn(rows, dtype, device, g, grad=True)
+    params = _params(shape, dtype, device, g, bias)
+    r = (registry.randn(rows, dtype, device, g, grad=True),) if residual else ()
+    return (x, *r, *params), registry.randn(rows, dtype, device, g)
+
+
+def _fused_residual(x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    return layer_norm(x, x.shape[-1:], w, b, residual=r, return_residual=True)[0]
+
+
+_ROWWISE = dict(backends=BACKENDS, dtypes=DTYPES, x="N", sizes=registry.ROWWISE_SIZES,
+                shape=registry.rowwise_shape, model_shape=_model_shape, unit="bytes",
+                custom_ops=("fastattn::layer_norm_fwd", "fastattn::layer_norm_bwd"))
+registry.register(registry.OpSpec(
+    name=OP, family=OP, summary="LayerNorm over the last dim of (M, N)", **_ROWWISE,
+    inputs=_inputs,
+    fast=lambda x, w, b: layer_norm(x, x.shape[-1:], w, b),
+    naive=lambda x, w, b: reference.layer_norm(x, w, b),
+    builtin=("F.layer_norm", lambda x, w, b: torch.nn.functional.layer_norm(x, x.shape[-1:], w, b)),
+    reference=lambda x, w, b: reference.layer_norm(x, w, b),
+    work=registry.rowwise_bytes(2, 3)))                     # x → y; dy, x → dx
+registry.register(registry.OpSpec(
+    name="residual_layer_norm", family=OP,
+    summary="LayerNorm(x + r) returning the sum too (a pre-LN block's second norm)",
+    **_ROWWISE, inputs=lambda *a: _inputs(*a, residual=True), fast=_fused_residual,
+    naive=lambda x, r, w, b: reference.layer_norm(x + r, w, b),
+    builtin=("add+F.layer_norm",
+             lambda x, r, w, b: torch.nn.functional.layer_norm(x + r, x.shape[-1:], w, b)),
+    reference=lambda x, r, w, b: reference.layer_norm(x, w, b, residual=r),
+    work=registry.rowwise_bytes(4, 3)))                     # x, r → h, y; dy, h → dx
+registry.register(registry.OpSpec(
+    name="rms_norm", family=OP, summary="RMSNorm over the last dim of (M, N)", **_ROWWISE,
+    inputs=lambda *a: _inputs(*a, bias=False),
+    fast=lambda x, w: rms_norm(x, x.shape[-1:], w, 1e-6),
+    naive=lambda x, w: reference.rms_norm(x, w),
+    builtin=("F.rms_norm", lambda x, w: torch.nn.functional.rms_norm(x, x.shape[-1:], w, 1e-6)),
+    reference=lambda x, w: reference.rms_norm(x, w),
+    work=registry.rowwise_bytes(2, 3)))
+registry.replaces_function(OP, torch.nn.functional.layer_norm, layer_norm)
+registry.replaces_function("rms_norm", torch.nn.functional.rms_norm, rms_norm)
