@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastattn._warnings import warn_fallback
 from fastattn.ops import registry
-from fastattn.ops.flash_attention import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
+from fastattn.ops.flash_attention import DTYPES, HEAD_DIMS, flash_attention, head_dim_supported
 
 
 def _sdpa_unsupported(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: float,
@@ -32,8 +32,8 @@ def _sdpa_unsupported(query: Tensor, key: Tensor, value: Tensor, attn_mask, drop
     if value.shape[-1] != query.shape[-1]:
         return f"a value head dim {value.shape[-1]} != query head dim {query.shape[-1]}"
     d = query.shape[-1]
-    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0):
-        return f"head dim {d} (the fast path takes a multiple of 8 from 16 to 256)"
+    if not head_dim_supported(d):
+        return f"head dim {d} (the fast path takes {HEAD_DIMS})"
     if query.dtype not in DTYPES or not (query.dtype == key.dtype == value.dtype):
         return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}"
     if is_causal and query.shape[-2] != key.shape[-2]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastattn._warnings import warn_fallback
 from fastattn.ops import registry
-from fastattn.ops.flash_attention import flash_attention
+from fastattn.ops.flash_attention import HEAD_DIMS, flash_attention, head_dim_supported
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
 
@@ -151,8 +151,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             return "add_bias_kv / add_zero_attn are not supported by the fast path"
         if self.dropout > 0.0 and self.training:
             return f"attention dropout={self.dropout} in training mode"
-        if self.head_dim % 8 != 0 or not 16 <= self.head_dim <= 256:
-            return f"head dim {self.head_dim} (the fast path takes a multiple of 8 from 16 to 256)"
+        if not head_dim_supported(self.head_dim):
+            return f"head dim {self.head_dim} (the fast path takes {HEAD_DIMS})"
         if query.dim() not in (2, 3):
             return f"query with {query.dim()} dimensions"
         t_dim = 0 if query.dim() == 2 or not self.batch_first else 1

@@ -45,7 +45,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fastattn._warnings import warn_fallback
-from fastattn.ops.flash_attention import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
+from fastattn.ops.flash_attention import DTYPES, HEAD_DIMS, flash_attention, head_dim_supported
 
 NAME = "fastattn"
 WHERE = "fastattn (transformers attention)"
@@ -82,9 +82,9 @@ def _route(module, query, key, value, attention_mask, dropout, causal,
     if query.dtype not in DTYPES:
         return "sdpa", f"dtype {query.dtype}"
     d, tq, tk = query.shape[-1], query.shape[2], key.shape[2]
-    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0) or value.shape[-1] != d:
+    if not head_dim_supported(d) or value.shape[-1] != d:
         return "sdpa", (f"head dims q/k {d}, v {value.shape[-1]} (fastattn takes one head dim, "
-                        "a multiple of 8 from 16 to 256)")
+                        f"{HEAD_DIMS})")
     if causal and 1 < tq and tk < tq:
         return "sdpa", f"{tk} keys for {tq} causal queries"
     window = kwargs.get("sliding_window")

@@ -23,7 +23,12 @@ OP = "flash_attention"
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-HEAD_DIMS = "a multiple of 8 from 16 to 256"
+HEAD_DIMS = "a multiple of 8 from 16 to 256"     # the head dims the kernels take
+
+
+def head_dim_supported(d: int) -> bool:
+    """Whether the attention kernels take head dim ``d`` (``HEAD_DIMS``)."""
+    return MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0
 
 
 def _triton_kernels():
@@ -112,7 +117,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> None:
         raise ValueError(f"k/v heads must divide q heads {h} (grouped-query attention), "
                          f"got {hkv}")
     d = q.shape[3]
-    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0):
+    if not head_dim_supported(d):
         raise ValueError(f"head dim must be {HEAD_DIMS}, got {d}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
