@@ -54,7 +54,7 @@ import torch
 
 from fastattn import benchmark as fb
 from fastattn.models import GPT, GPTConfig
-from fastattn.train import configure_optimizer
+from fastattn.models.optim import Precision, configure_optimizer, train_step
 
 VARIANTS = ("naive", "fast")
 LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -84,16 +84,14 @@ def _build(case: dict) -> tuple[GPT, torch.optim.Optimizer, torch.Tensor, torch.
 
 
 def _train_step(case: dict, model: GPT, opt, x, y, losses: list) -> Callable[[], None]:
-    """One training step: forward (autocast below fp32), loss, backward, AdamW."""
-    device, dtype = torch.device(case["device"]), fb.dtype_of(case["dtype"])
+    """One training step as ``fastattn train`` runs it (``train_step``, no clipping):
+    forward (autocast below fp32), loss, backward (loss-scaled in fp16), AdamW."""
+    precision = Precision(fb.dtype_of(case["dtype"]), torch.device(case["device"]).type)
+    scaler = precision.scaler()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        loss, _ = train_step(model, opt, scaler, precision, lambda: (x, y))
+        losses.append(loss)
     return step
 
 

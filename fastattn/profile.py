@@ -6,7 +6,7 @@
 
 It runs ``--warmup`` steps, then ``--steps`` profiled ones, under ``torch.profiler``
 (``schedule(warmup=..., active=...)``, so start-up work and the profiler's own start
-stay out of the numbers). A GPT step is a training step as ``fastattn.train`` runs it:
+stay out of the numbers). A GPT step is ``fastattn.models.optim.train_step``:
 forward and loss under autocast (bf16 on CUDA), backward, gradient clipping, the AdamW
 step of ``configure_optimizer``, ``zero_grad``, on one fixed batch of random tokens
 (data loading is not profiled). An op step is the forward and backward of
@@ -51,13 +51,8 @@ from torch.profiler import ProfilerActivity, record_function
 import fastattn
 from fastattn import backends
 from fastattn.models.gpt import ATTENTION, GPT, PRESETS, GPTConfig
-from fastattn.train import (
-    DEFAULTS,
-    TRAIN_PRESETS,
-    Precision,
-    choose_precision,
-    configure_optimizer,
-)
+from fastattn.models.optim import Precision, choose_precision, configure_optimizer, train_step
+from fastattn.models.train_config import DEFAULTS, TRAIN_PRESETS
 
 OPS = ("gpt", "attention", "layer_norm", "bias_gelu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -157,8 +152,8 @@ Step = Callable[[PhaseTimer], None]
 
 def _gpt_step(config: GPTConfig, preset: str, batch: int, device: torch.device,
               precision: Precision) -> Step:
-    """One training step of ``fastattn.train`` (one micro-batch) on a fixed random batch,
-    with the preset's learning rate and train's other defaults."""
+    """One training step as ``fastattn train`` runs it (``train_step``, one micro-batch)
+    on a fixed random batch, with the preset's learning rate and train's other defaults."""
     model = GPT(config).to(device)
     optimizer = configure_optimizer(model, TRAIN_PRESETS[preset]["lr"],
                                     DEFAULTS["weight_decay"],
@@ -170,16 +165,8 @@ def _gpt_step(config: GPTConfig, preset: str, batch: int, device: torch.device,
             .to(device) for _ in range(2))
 
     def step(timer: PhaseTimer) -> None:
-        with timer.phase("forward"), precision.autocast():
-            _, loss = model(x, y)
-        with timer.phase("backward"):
-            scaler.scale(loss).backward()
-        with timer.phase("optimizer"):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), DEFAULTS["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, scaler, precision, lambda: (x, y),
+                   grad_clip=DEFAULTS["grad_clip"], phase=timer.phase)
     return step
 
 

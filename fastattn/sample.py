@@ -1,22 +1,11 @@
-"""Sample from a trained GPT checkpoint: ``python -m fastattn.sample --checkpoint runs/tiny``.
-
-The options and the work live in ``fastattn.train`` (``add_sample_arguments``,
-``sample``, ``sample_main``), which ``fastattn sample`` also uses.
+"""``python -m fastattn.sample``: the sampling command, kept at this name for the README
+and existing imports. The code lives in ``fastattn.models.sample``.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 
-from fastattn.train import add_sample_arguments, sample_main
+from fastattn.models.sample import add_sample_arguments, main, sample, sample_main
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn.sample",
-                                     description="Generate text from a fastattn GPT checkpoint.")
-    add_sample_arguments(parser)
-    return sample_main(parser.parse_args(argv))
-
+__all__ = ["add_sample_arguments", "main", "sample", "sample_main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""Training, data, checkpoints and sampling (fastattn.train, fastattn.data), on CPU."""
+"""Training, data, checkpoints and sampling (fastattn.models: train, data, checkpoint,
+sample), on CPU."""
 import json
 import os
 import pickle
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastattn import data as D
-from fastattn.train import (CheckpointError, configure_optimizer, load_checkpoint, lr_at,
-                            main, parse_train_args, read_log, resolve_args, sample,
-                            save_checkpoint, sink_summary, train, train_main)
+from fastattn.models import data as D
+from fastattn.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastattn.models.metrics import read_log, sink_summary
+from fastattn.models.optim import configure_optimizer, lr_at
+from fastattn.models.sample import sample
+from fastattn.models.train import main, train, train_main
+from fastattn.models.train_config import parse_train_args, resolve_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick: 2 layers, width 64, 32-token rows.
@@ -125,7 +129,7 @@ def test_sample_from_checkpoint(interrupted):
 def parse_sample_args(argv):
     import argparse
 
-    from fastattn.train import add_sample_arguments
+    from fastattn.models.sample import add_sample_arguments
     p = argparse.ArgumentParser()
     add_sample_arguments(p)
     return p.parse_args(argv)
@@ -161,7 +165,8 @@ def test_two_cpu_processes_train_identical_weights(mode, tmp_path, cache_dir):
         import sys
         import torch
         import torch.distributed as dist
-        from fastattn.train import parse_train_args, train
+        from fastattn.models.train import train
+        from fastattn.models.train_config import parse_train_args
 
         dist.init_process_group("gloo")        # kept open after train() to gather weights
         result = train(parse_train_args(sys.argv[2:]))
