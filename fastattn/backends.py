@@ -18,8 +18,9 @@ from typing import Iterator
 
 import torch
 
+from fastattn.kernels._env import INTERPRET
+
 BACKENDS = ("triton", "ext", "torch")
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,7 +71,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, "triton on CUDA"
     if device.type == "cpu":
-        if _INTERPRET:
+        if INTERPRET:
             return True, "triton interpreter (TRITON_INTERPRET=1)"
         return False, ("triton runs on CPU tensors only through its interpreter: set "
                        "TRITON_INTERPRET=1 before importing triton/fastattn")

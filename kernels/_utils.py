@@ -1,11 +1,8 @@
 """Small helpers shared by the kernel launchers."""
-import os
-
 import triton
 from torch.library import wrap_triton
 
-# Read once, like Triton itself does: TRITON_INTERPRET=1 must be set before import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._env import INTERPRET  # noqa: F401  (the launchers import it from here)
 
 
 def launch(kernel):

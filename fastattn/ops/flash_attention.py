@@ -17,7 +17,7 @@ from fastattn import backends
 from fastattn.ops import _attention_torch
 from fastattn import reference
 from fastattn.ops import registry
-from fastattn.ops._registry import kernel_op
+from fastattn.ops._custom_op import kernel_op
 
 OP = "flash_attention"
 BACKENDS = ("triton", "torch")

@@ -37,7 +37,7 @@ from torch import Tensor
 from fastattn import backends
 from fastattn import reference
 from fastattn.ops import registry
-from fastattn.ops._registry import kernel_op
+from fastattn.ops._custom_op import kernel_op
 
 OP = "layer_norm"
 BACKENDS = ("triton", "ext", "torch")

@@ -5,11 +5,9 @@ Ops that launch Triton are registered with ``torch.library.triton_op`` so that
 interpreted Python function that cannot run on fake tensors, so the same function is
 registered as an opaque ``custom_op`` instead; everything else (fake, autograd) is shared.
 """
-import os
-
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastattn.kernels._env import INTERPRET
 
 
 def kernel_op(name: str, *, mutates_args=()):
