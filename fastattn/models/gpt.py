@@ -30,11 +30,11 @@ from fastattn import nn as fnn
 # The filters lived here before generate.py; still importable from this module.
 from fastattn.models.generate import (apply_repetition_penalty, next_token, top_k_filter,
                                       top_p_filter)
+from fastattn.ops.flash_attention import HEAD_DIMS, head_dim_supported
 from fastattn.reference import naive_attention
 
 ATTENTION = ("fast", "naive")
 APPROXIMATE = ("none", "tanh")
-HEAD_DIMS = "a multiple of 8 from 16 to 256"       # what the attention kernels take
 
 
 @dataclass
@@ -66,7 +66,7 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_head must divide n_embd={self.n_embd}, got {self.n_head}")
         d = self.head_dim
-        if d % 8 != 0 or not 16 <= d <= 256:
+        if not head_dim_supported(d):
             raise ValueError(f"head dim n_embd / n_head = {self.n_embd} / {self.n_head} = {d} "
                              f"must be {HEAD_DIMS}")
         kv = self.kv_heads
