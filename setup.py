@@ -9,13 +9,22 @@ it needs torch at build time, so build it without build isolation:
 
 The CPU part is always compiled; the CUDA part when torch has CUDA and nvcc is found.
 """
-import glob
+import importlib.util
 import os
-import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ext_module():
+    """fastattn/_ext_build.py loaded on its own (torch and the standard library only): the
+    build uses the sources and flags of the JIT build without importing fastattn."""
+    spec = importlib.util.spec_from_file_location("_fastattn_ext_build",
+                                                  os.path.join(HERE, "fastattn", "_ext_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_modules():
@@ -24,30 +33,11 @@ def extension_modules():
     # Imported only here: a plain install must not need torch to build.
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    with_cuda = (cpp_extension.CUDA_HOME is not None
-                 and __import__("torch").version.cuda is not None
-                 and os.environ.get("FASTATTN_EXT_CUDA", "1") == "1")
-    # at::parallel_for is an OpenMP pragma compiled into the extension: without
-    # -fopenmp it runs on one thread (see fastattn.ext.openmp_flags).
-    import torch
-    openmp = (["-fopenmp"] if sys.platform.startswith("linux")
-              and "OpenMP" in torch.__config__.parallel_info() else [])
-    cxx = ["-O3", "-Wno-psabi", *openmp]  # the C++ standard is torch's choice
-    if with_cuda:
-        ext = cpp_extension.CUDAExtension(
-            "fastattn._C", sources + cuda_sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
-            define_macros=[("FASTATTN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
-            extra_link_args=openmp,
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "fastattn._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx}, extra_link_args=openmp,
-        )
+    opts = _ext_module().build_options("csrc")
+    kind = cpp_extension.CUDAExtension if opts["with_cuda"] else cpp_extension.CppExtension
+    ext = kind("fastattn._C", opts["sources"], include_dirs=[os.path.join(HERE, "csrc")],
+               extra_compile_args={"cxx": opts["cflags"], "nvcc": opts["cuda_cflags"]},
+               extra_link_args=opts["ldflags"])
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
@@ -60,8 +50,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastattn", "fastattn.ops", "fastattn.models", "fastattn.integrations",
-              "fastattn.kernels", "fastattn.csrc"],
+    packages=[*find_packages(include=["fastattn", "fastattn.*"]), "fastattn.kernels",
+              "fastattn.csrc"],
     # csrc/ ships as fastattn/csrc too, so that fastattn.ext.load() can JIT-build the
     # extension from a non-editable install (it is data, not a Python package).
     package_dir={"fastattn.kernels": "kernels", "fastattn.csrc": "csrc"},

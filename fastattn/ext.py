@@ -14,12 +14,12 @@ fails because of the extension.
 """
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import sys
 
 import torch
+
+from fastattn._ext_build import build_options, openmp_flags  # noqa: F401  (public)
 
 _NAMESPACE = "fastattn_ext"
 _JIT_NAME = "fastattn_ext_jit"
@@ -94,30 +94,6 @@ def default_build_directory() -> str:
     return os.path.join(cache, "fastattn", f"ext-torch{torch.__version__}-{flavour}")
 
 
-def _sources(csrc: str) -> tuple[list[str], bool]:
-    from torch.utils import cpp_extension
-
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
-    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-                 and os.environ.get("FASTATTN_EXT_CUDA", "1") == "1")
-    if with_cuda:
-        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-        sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cpp")))
-    return sources, with_cuda
-
-
-def openmp_flags() -> list[str]:
-    """``-fopenmp`` where torch's CPU threads are OpenMP's (Linux builds of torch), else [].
-
-    ``at::parallel_for`` is a header template: with OpenMP it is a ``#pragma omp
-    parallel`` compiled into the extension, which runs on one thread without this flag.
-    The extension then links ``libgomp.so.1``, the same soname as the copy torch loads, so
-    the loader reuses torch's runtime and its thread pool.
-    """
-    parallel = torch.__config__.parallel_info()
-    return ["-fopenmp"] if sys.platform.startswith("linux") and "OpenMP" in parallel else []
-
-
 def load(verbose: bool = False, build_directory: str | None = None) -> None:
     """Build ``csrc/`` just in time and register ``torch.ops.fastattn_ext.*``.
 
@@ -145,16 +121,14 @@ def load(verbose: bool = False, build_directory: str | None = None) -> None:
         raise RuntimeError(f"fastattn.ext.load: {problem}")
     from torch.utils import cpp_extension
 
-    sources, with_cuda = _sources(csrc)
+    opts = build_options(csrc)
     build_directory = build_directory or default_build_directory()
     os.makedirs(build_directory, exist_ok=True)
-    defines = ["-DFASTATTN_WITH_CUDA"] if with_cuda else []
-    openmp = openmp_flags()
     try:
         cpp_extension.load(
-            name=_JIT_NAME, sources=sources, extra_include_paths=[csrc],
-            extra_cflags=["-O3", "-Wno-psabi", *openmp, *defines], extra_ldflags=openmp,
-            extra_cuda_cflags=["-O3", "--use_fast_math", *defines],
+            name=_JIT_NAME, sources=opts["sources"], extra_include_paths=[csrc],
+            extra_cflags=opts["cflags"], extra_ldflags=opts["ldflags"],
+            extra_cuda_cflags=opts["cuda_cflags"],
             build_directory=build_directory, verbose=verbose, is_python_module=False)
     except Exception as e:
         _LOAD_ERROR = f"the JIT build of the C++ extension failed: {e}"
