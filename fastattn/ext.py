@@ -23,7 +23,6 @@ from fastattn._ext_build import build_options, openmp_flags  # noqa: F401  (publ
 
 _NAMESPACE = "fastattn_ext"
 _JIT_NAME = "fastattn_ext_jit"
-_OPS = ("layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
 _INSTALL_HINT = ("build it with FASTATTN_BUILD_EXT=1 pip install --no-build-isolation -e . "
                  "or at run time with fastattn.ext.load()")
 
