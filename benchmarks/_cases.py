@@ -1,21 +1,23 @@
-"""The pytest-benchmark cases of every op, shared by the ``bench_*.py`` modules.
+"""The pytest-benchmark cases of every registered op, run by ``bench_ops.py``.
 
 Sizes, implementations, inputs, the correctness check and the work formula all come from
-``fastattn.benchmark`` (the harness behind ``fastattn bench``), so a case here measures
-what a row of ``fastattn bench`` measures. A module declares its cases with
-``parametrize`` and runs each with ``measure``::
+the op registry through ``fastattn.tools.bench`` (the harness behind ``fastattn bench``),
+so a case here measures what a row of ``fastattn bench`` measures::
 
-    @_cases.parametrize("bias_gelu", keys=("N", "M"), tiny={"sizes": [256, 1024], "batch": 64})
-    def test_bias_gelu(benchmark, case):
+    @_cases.parametrize()
+    def test_op(benchmark, case):
         _cases.measure(benchmark, case)
 
-Tiny sizes by default; ``--bench-full`` or ``FASTATTN_BENCH_FULL=1`` (conftest.py)
-selects the harness's defaults. Implementations that cannot run on this machine appear
-as skipped cases with the reason. Each case checks its implementation against the naive
-baseline before it is timed. On CUDA every round ends with a synchronize, and the
-do_bench quantiles are added to ``extra_info``. On CPU the number of rounds comes from
-the mean time of the first calls (``_cpu_rounds``), not from pytest-benchmark's
-calibration.
+Tiny sizes by default (``tiny_settings``: an eighth of the two smallest default sizes,
+at most 64 rows);
+``--bench-full`` or ``FASTATTN_BENCH_FULL=1`` (conftest.py) selects the harness's
+defaults. For an op with an ext backend the C++ extension is built (or its cached build
+loaded) first, so that the ext backend is measured. Implementations that cannot run on
+this machine appear as skipped cases with the reason. Each case checks its
+implementation against the naive baseline before it is timed. On CUDA every round ends
+with a synchronize, and the do_bench quantiles are added to ``extra_info``. On CPU the
+number of rounds comes from the mean time of the first calls (``_cpu_rounds``), not
+from pytest-benchmark's calibration.
 
 Not a test module itself: conftest.py collects only ``bench_*.py``. pytest puts this
 folder on ``sys.path`` when it imports a bench module (no ``__init__.py`` here, default
@@ -36,8 +38,16 @@ from typing import Any
 import pytest
 import torch
 
-from fastattn import benchmark as fb
 from fastattn import ext
+from fastattn.ops import registry
+from fastattn.ops.registry import OpSpec
+from fastattn.tools.bench.allocator import allocator_setting, heap_retention_active
+from fastattn.tools.bench.check import TOLERANCE, check, reference, run_once
+from fastattn.tools.bench.config import Config
+from fastattn.tools.bench.measure import N_INPUT_SETS
+from fastattn.tools.bench.ops import Impl, tiny_settings
+from fastattn.tools.bench.timing import time_cuda
+from fastattn.tools.common import dtype_of
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FIRST_CALLS_S = 0.05        # CPU: the calls that size the rounds (at least 3 calls)
@@ -47,13 +57,12 @@ MAX_ROUNDS = 1000           # CPU: enough for a median; bounds a case on a busy 
 @dataclass
 class Case:
     """One implementation of one op at one shape and mode."""
-    bench: fb.OpBench
-    cfg: fb.Config
+    cfg: Config
     shape: dict
     mode: str
-    impl: fb.Impl
-    impls: list[fb.Impl]      # all of them: the reference is the naive one
-    group: str                # pytest-benchmark group: op, mode and the ``keys`` dims
+    impl: Impl
+    impls: list[Impl]         # all of them: the reference is the naive one
+    group: str                # pytest-benchmark group: op, mode and shape
 
     def __repr__(self) -> str:   # pytest-benchmark's JSON "params"; extra_info has the rest
         return f"Case({self.group}, {self.impl.name})"
@@ -69,75 +78,80 @@ def _load_ext() -> None:
             ext.load()
 
 
-def config(op: str, tiny: dict[str, Any]) -> fb.Config:
-    """The run's Config: ``tiny`` (Config fields) unless full sizes were asked for."""
+def config(spec: OpSpec) -> Config:
+    """The op's run: tiny sizes unless full sizes were asked for."""
     full = os.environ.get("FASTATTN_BENCH_FULL") == "1"     # or --bench-full (conftest)
-    return fb.Config(op=op, device=DEVICE.type, **({} if full else tiny)).resolve()
+    tiny = {} if full else tiny_settings(spec, DEVICE.type)
+    return Config(op=spec.name, device=DEVICE.type, **tiny).resolve()
 
 
-def parametrize(op: str, keys: tuple[str, ...], tiny: dict[str, Any],
-                load_ext: bool = False) -> pytest.MarkDecorator:
-    """``case`` parameters for every shape, mode and implementation of ``fb.OPS[op]``;
-    ids like ``fastattn/torch-N256-M64-fwd`` from the ``keys`` dimensions of the shape.
-    ``load_ext``: build the C++ extension first, so that its backend is measured."""
-    if load_ext:
+def _op_params(spec: OpSpec) -> list:
+    if "ext" in spec.backends:
         _load_ext()
-    bench, cfg = fb.OPS[op], config(op, tiny)
-    impls, skipped = bench.impls(DEVICE, cfg)
+    cfg = config(spec)
+    impls, skipped = cfg.impls()
     params = []
-    for shape in bench.shapes(DEVICE, cfg):
+    for shape in cfg.shapes():
         for mode in cfg.modes:
-            tag = "-".join(f"{k}{shape[k]}" for k in keys) + f"-{mode}"
-            group = f"{op} {mode} " + " ".join(f"{k}={shape[k]}" for k in keys)
-            params += [pytest.param(Case(bench, cfg, shape, mode, impl, impls, group),
-                                    id=f"{impl.name}-{tag}") for impl in impls]
+            tag = "-".join(f"{k}{v}" for k, v in shape.items()) + f"-{mode}"
+            group = f"{spec.name} {mode} " + " ".join(f"{k}={v}" for k, v in shape.items())
+            params += [pytest.param(Case(cfg, shape, mode, impl, impls, group),
+                                    id=f"{spec.name}-{impl.name}-{tag}") for impl in impls]
             # First line only: a failed build's reason carries the compiler's output.
-            params += [pytest.param(None, id=f"{name}-{tag}", marks=pytest.mark.skip(
-                reason=f"{name}: {why.splitlines()[0]}")) for name, why in skipped.items()]
-    return pytest.mark.parametrize("case", params)
+            params += [pytest.param(None, id=f"{spec.name}-{name}-{tag}",
+                                    marks=pytest.mark.skip(
+                                        reason=f"{name}: {why.splitlines()[0]}"))
+                       for name, why in skipped.items()]
+    return params
 
 
-def measure(benchmark: Any, case: Case, **extra_info: Any) -> None:
+def parametrize() -> pytest.MarkDecorator:
+    """``case`` parameters for every registered op, shape, mode and implementation;
+    ids like ``layer_norm-fastattn/torch-M64-N96-fwd``."""
+    return pytest.mark.parametrize("case", [p for spec in registry.specs()
+                                            for p in _op_params(spec)])
+
+
+def measure(benchmark: Any, case: Case) -> None:
     """Check ``case`` against the naive baseline, then time it with ``benchmark``;
-    ``extra_info`` gets the work and its rate (TFLOP/s or GB/s), the error, the
-    reference, the allocator setting and the given ``extra_info``."""
-    bench, cfg, shape, mode, impl = case.bench, case.cfg, case.shape, case.mode, case.impl
-    dtype = fb.dtype_of(cfg.dtype)
-    sets = [bench.inputs(shape, dtype, DEVICE, seed) for seed in range(fb.N_INPUT_SETS)]
-    ref, ref_impl = fb.reference(case.impls, *sets[0], mode)
+    ``extra_info`` gets the op's options, the work and its rate (TFLOP/s or GB/s), the
+    error, the reference and the allocator setting."""
+    cfg, shape, mode, impl = case.cfg, case.shape, case.mode, case.impl
+    spec, unit, dtype = cfg.spec, cfg.unit, dtype_of(cfg.dtype)
+    sets = [spec.inputs(shape, dtype, DEVICE, seed) for seed in range(N_INPUT_SETS)]
+    ref, ref_impl = reference(case.impls, *sets[0], mode)
     if ref is None:
         pytest.skip("no reference could be computed (out of memory?)")
     try:
-        err = fb.check(impl, sets[0], ref, mode)     # also the warm-up call
+        err = check(impl, sets[0], ref, mode)     # also the warm-up call
     except torch.cuda.OutOfMemoryError:
         pytest.skip(f"{impl.name} runs out of memory at {shape}")
-    assert err <= fb.TOLERANCE[dtype], f"{impl.name} is wrong: max relative error {err:.2e}"
+    assert err <= TOLERANCE[dtype], f"{impl.name} is wrong: max relative error {err:.2e}"
 
     inputs = itertools.cycle(sets)
 
     def call() -> list[torch.Tensor]:
-        return fb.run_once(impl, *next(inputs), mode)
+        return run_once(impl, *next(inputs), mode)
 
     benchmark.group = case.group
-    work = bench.work(shape, cfg, mode)
+    work = cfg.work(shape, mode)
     benchmark.extra_info.update(impl=impl.name, mode=mode, shape=shape, dtype=cfg.dtype,
-                                **extra_info, **{bench.work_key: work}, max_rel_error=err,
+                                **cfg.options(), **{unit.work_key: work}, max_rel_error=err,
                                 reference=ref_impl.name,
-                                allocator=fb.allocator_setting(
-                                    DEVICE.type, fb.heap_retention_active())["timing"])
+                                allocator=allocator_setting(
+                                    DEVICE.type, heap_retention_active())["timing"])
     if DEVICE.type == "cuda":
         def synced():
             call()
             torch.cuda.synchronize()
         benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
-        benchmark.extra_info["do_bench_ms"] = asdict(fb.time_cuda(call))
+        benchmark.extra_info["do_bench_ms"] = asdict(time_cuda(call))
     elif benchmark.enabled:
         benchmark.pedantic(call, rounds=_cpu_rounds(benchmark, call))
     else:
         benchmark(call)     # one call, untimed
     if benchmark.stats is not None:   # None under --benchmark-disable
-        benchmark.extra_info[bench.rate_key] = (work / benchmark.stats.stats.median
-                                                / bench.rate_scale)
+        benchmark.extra_info[unit.rate_key] = work / benchmark.stats.stats.median / unit.scale
 
 
 def _cpu_rounds(benchmark: Any, call: Callable[[], Any]) -> int:

@@ -5,17 +5,17 @@
     python benchmarks/bench_gpt.py --device cuda --save  # GPT-2 small, bf16
     pytest benchmarks/bench_gpt.py --benchmark-only      # one step of a tiny model
 
-The measurement lives in ``fastattn.bench_gpt`` (so that ``fastattn bench --op gpt``
-works from an installed package); its docstring says what is measured and how.
+The measurement lives in ``fastattn.tools.bench_gpt`` (so that ``fastattn bench --op
+gpt`` works from an installed package); its docstring says what is measured and how.
 """
 import sys
 
 import pytest
 import torch
 
-from fastattn.bench_gpt import VARIANTS, main
 from fastattn.models import GPT, GPTConfig
-from fastattn.train import configure_optimizer
+from fastattn.models.optim import configure_optimizer
+from fastattn.tools.bench_gpt import VARIANTS, main
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

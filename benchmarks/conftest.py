@@ -32,10 +32,11 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    from fastattn import benchmark as fb
-    setting = fb.allocator_setting("cpu", fb.heap_retention_active())["timing"]
-    if not fb.heap_retention_active():
-        setting += (" (run with " + " ".join(f"{k}={v}" for k, v in fb.HEAP_RETENTION_ENV.items())
+    from fastattn.tools.bench.allocator import (HEAP_RETENTION_ENV, allocator_setting,
+                                                heap_retention_active)
+    setting = allocator_setting("cpu", heap_retention_active())["timing"]
+    if not heap_retention_active():
+        setting += (" (run with " + " ".join(f"{k}={v}" for k, v in HEAP_RETENTION_ENV.items())
                     + " to keep freed memory in the heap, as `fastattn bench` does)")
     sizes = "full" if os.environ.get("FASTATTN_BENCH_FULL") == "1" else "tiny"
     return [f"fastattn benchmarks: {sizes} sizes; CPU allocator: {setting}"]

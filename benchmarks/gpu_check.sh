@@ -5,9 +5,10 @@
 #
 # Installs this checkout offline (no package index needed: torch, triton, pytest,
 # pytest-benchmark, ninja and matplotlib must be there already), then runs
-# benchmarks/gpu_check.py: versions and GPU, the device's peaks, the C++/CUDA extension
-# build, the test suite on CUDA, the benchmarks (results JSON + PNG into OUT_DIR) and a
-# summary table, printed last. The install counts against the budget.
+# `python -m fastattn.tools.gpu_check`: versions and GPU, the device's peaks, the C++/CUDA
+# extension build, the test suite on CUDA, the benchmarks of every registered op (results
+# JSON + PNG into OUT_DIR) and a summary table, printed last. The install counts against
+# the budget.
 set -euo pipefail
 
 out="${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [--skip-tests] [--budget SECONDS]}"
@@ -32,4 +33,4 @@ if ! python -m pip install --no-deps --no-build-isolation -e . >"$out/install.lo
     exit 1
 fi
 left=$(( budget - ($(date +%s) - start) ))
-exec python benchmarks/gpu_check.py "$out" --budget "$left" "${args[@]+"${args[@]}"}"
+exec python -m fastattn.tools.gpu_check "$out" --budget "$left" "${args[@]+"${args[@]}"}"

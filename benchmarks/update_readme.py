@@ -19,9 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from fastattn import bench_gpt
-from fastattn.benchmark import (describe, describe_sweep, format_sweep_table, format_table,
-                                summary)
+from fastattn.tools.bench.report import readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,18 +50,10 @@ def block(entries: list[tuple[Path, dict]], readme_dir: Path) -> str:
 
 
 def render(results: dict) -> str:
-    """Caption and table of one results file: the harness's for its own documents, the
-    GPT benchmark's (``fastattn.bench_gpt.readme_block``) for ``gpt``, else a generic
-    table of the rows' scalar fields."""
-    if "runs" in results:                            # fastattn bench --sweep
-        return f"{describe_sweep(results)}\n\n{format_sweep_table(results, markdown=True)}"
-    rows = results["rows"]
-    if rows and all("impl" in r and "kind" in r for r in rows):
-        return (f"{describe(results)}\n\n" + "".join(f"- {line}\n" for line in summary(results))
-                + f"\n{format_table(results, markdown=True)}")
-    if results["op"] == "gpt":
-        return bench_gpt.readme_block(results)
-    return generic_table(rows)
+    """Caption and table of one results file: the harness's report
+    (``fastattn.tools.bench.report``) for its own documents — op runs, sweeps, the GPT
+    benchmark — else a generic table of the rows' scalar fields."""
+    return readme_block(results) or generic_table(results["rows"])
 
 
 def generic_table(rows: list[dict]) -> str:

@@ -1,9 +1,12 @@
-"""The ``fastattn`` command line and the benchmark harness behind it, at tiny sizes.
+"""The ``fastattn`` command line and the benchmark harness behind it
+(``fastattn.tools.bench``), at tiny sizes.
 
 ``fastattn bench`` runs once per session (a subprocess, as a user runs it) and the tests
 read its table and saved files; the rest calls ``fastattn.cli.main`` in this process.
 No timing is asserted: only that every number is there and well-formed.
 """
+import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -14,8 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastattn import benchmark as fb
 from fastattn import cli
+from fastattn.ops import registry
+from fastattn.tools import gpu_check
+from fastattn.tools.bench import report, sweep
+from fastattn.tools.bench.allocator import allocator_setting, heap_retention_active
+from fastattn.tools.bench.config import Config
+from fastattn.tools.bench.measure import measure
+from fastattn.tools.bench.memory_server import _memory_job
+from fastattn.tools.bench.ops import Impl
+from fastattn.tools.bench.results import save
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("naive", "sdpa", "fastattn/torch")
@@ -55,7 +66,8 @@ def test_bench_prints_table_with_every_impl(bench):
 
 def test_bench_save_writes_json_with_provenance_and_png(bench):
     _, out = bench
-    results = json.loads((out / "attention.json").read_text())
+    results = json.loads((out / "flash_attention.json").read_text())
+    assert results["op"] == "flash_attention"
     prov = results["provenance"]
     for key in ("device", "torch", "triton", "cuda", "python", "commit", "dirty", "date",
                 "dtype", "threads", "allocator", "command"):
@@ -68,10 +80,10 @@ def test_bench_save_writes_json_with_provenance_and_png(bench):
         assert row["status"] == "ok", row
         assert row["time_ms"]["p20"] <= row["time_ms"]["p50"] <= row["time_ms"]["p80"]
         assert row["tflops"] > 0 and row["extra_mem_mib"] >= 0
-        assert row["flops"] == fb.attention_flops(1, 2, row["T"], row["T"], 64, True,
-                                                  row["mode"])
+        assert row["flops"] == registry.attention_flops(1, 2, row["T"], row["T"], 64, True,
+                                                        row["mode"])
     if importlib.util.find_spec("matplotlib"):
-        assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "flash_attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_info_lists_backends_with_reasons(capsys):
@@ -100,6 +112,11 @@ def test_no_command_prints_help(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "--op", "nope"], "invalid choice: 'nope'"),
+    (["bench", "--op", "attention"], "'flash_attention'"),    # one name per op: the new one
+    (["bench", "--op", "bias_gelu"], "'gelu'"),
+    (["bench", "--op", "layer_norm", "--heads", "2"],
+     "heads do(es) not apply to op 'layer_norm'; its shape takes batch"),
+    (["bench", "--op", "gelu", "--no-causal"], "causal does not apply to op 'gelu'"),
     (["bench", "--seq", "128,abc"], "positive integers, got '128,abc'"),
     (["bench", "--seq", "0"], "positive integers, got '0'"),
     (["bench", "--mode", "bwd"], "subset of fwd, fwd+bwd, got 'bwd'"),
@@ -107,7 +124,7 @@ def test_no_command_prints_help(capsys):
     (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["bench", "--op", "gpt", "--head-dim", "64"], "--head-dim do(es) not apply to --op gpt"),
-    (["bench", "--op", "bias_gelu", "--sweep", "--dtype", "float32"],
+    (["bench", "--op", "gelu", "--sweep", "--dtype", "float32"],
      "--sweep has nothing left to cross"),
     (["bench", "--op", "gpt", "--ext", "--no-causal"],
      "--no-causal, --ext do(es) not apply to --op gpt"),
@@ -128,38 +145,68 @@ def test_bench_on_missing_cuda_is_a_clear_error(capsys):
 
 
 def test_allocator_setting_is_recorded_as_run():
-    retained = fb.allocator_setting("cpu", retain=True)
+    retained = allocator_setting("cpu", retain=True)
     assert retained["timing"] == ("MALLOC_MMAP_THRESHOLD_=1099511627776 "
                                   "MALLOC_TRIM_THRESHOLD_=1099511627776")
-    assert fb.allocator_setting("cpu", retain=False)["timing"].startswith("default")
+    assert allocator_setting("cpu", retain=False)["timing"].startswith("default")
 
 
 def test_attention_flops():
     fwd = 4 * 2 * 3 * 128 * 128 * 64
-    assert fb.attention_flops(2, 3, 128, 128, 64, False) == fwd
-    assert fb.attention_flops(2, 3, 128, 128, 64, True) == fwd / 2
-    assert fb.attention_flops(2, 3, 128, 128, 64, True, "bwd") == 2.5 * fwd / 2
-    assert fb.attention_flops(2, 3, 128, 128, 64, True, "fwd+bwd") == 3.5 * fwd / 2
+    assert registry.attention_flops(2, 3, 128, 128, 64, False) == fwd
+    assert registry.attention_flops(2, 3, 128, 128, 64, True) == fwd / 2
+    assert registry.attention_flops(2, 3, 128, 128, 64, True, "bwd") == 2.5 * fwd / 2
+    assert registry.attention_flops(2, 3, 128, 128, 64, True, "fwd+bwd") == 3.5 * fwd / 2
 
 
 def test_wrong_implementation_gets_no_number(monkeypatch):
-    bench = fb.OPS["attention"]
-    real = bench.impls
+    real = Config.impls
 
-    def with_broken(device, cfg):
-        impls, skipped = real(device, cfg)
-        broken = fb.Impl("broken", "fastattn", lambda q, k, v: impls[0](q, k, v) * 1.01)
+    def with_broken(cfg):
+        impls, skipped = real(cfg)
+        broken = Impl("broken", "fastattn", lambda q, k, v: impls[0](q, k, v) * 1.01)
         return [*impls, broken], skipped
 
-    monkeypatch.setattr(bench, "impls", with_broken)
-    measured = fb.measure(fb.Config(device="cpu", sizes=[32], heads=2, quick=True))
+    monkeypatch.setattr(Config, "impls", with_broken)
+    measured = measure(Config(device="cpu", sizes=[32], heads=2, quick=True))
     rows = {(r["impl"], r["mode"]): r for r in measured["rows"]}
-    for mode in fb.MODES:
+    for mode in registry.MODES:
         assert rows["broken", mode]["status"] == "wrong"
         assert "time_ms" not in rows["broken", mode]
         assert rows["fastattn/torch", mode]["status"] == "ok"
-    results = {"x": "T", "unit": "TFLOP/s", "rows": measured["rows"], "skipped": {}}
-    assert "WRONG (err 1.0e-02)" in fb.format_table(results)
+    doc = {"x": "T", "unit": "TFLOP/s", "rows": measured["rows"], "skipped": {}}
+    assert "WRONG (err 1.0e-02)" in report.format_table(doc)
+
+
+def test_a_registered_op_appears_in_every_tool(monkeypatch, tmp_path):
+    """Issue 12: ``fastattn bench``, ``fastattn profile``, the GPU check and the
+    pytest-benchmark suite take their ops from the registry, so a new entry needs no
+    edit of any of them; the harness measures it like the others."""
+    copy = dataclasses.replace(registry.get("gelu"), name="gelu_copy", backends=("torch",))
+    monkeypatch.setitem(registry._REGISTRY, "gelu_copy", copy)
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "--op", "gelu_copy"]).op == "gelu_copy"
+    assert parser.parse_args(["profile", "--op", "gelu_copy"]).op == "gelu_copy"
+    steps = gpu_check.steps(tmp_path, quick=True, with_tests=False, gpu=False)
+    assert "bench gelu_copy" in [s.name for s in steps]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # as pytest does for bench_ops
+    ids = [p.id for p in importlib.import_module("_cases").parametrize().args[1]]
+    assert "gelu_copy-fastattn/torch-M64-N96-fwd" in ids
+    measured = measure(Config(op="gelu_copy", device="cpu", sizes=[32], batch=8, quick=True))
+    assert {(r["impl"], r["status"]) for r in measured["rows"]} == {
+        ("naive", "ok"), ("F.gelu(x+b)", "ok"), ("fastattn/torch", "ok")}
+    assert measured["skipped"]["fastattn/ext"] == "does not implement gelu_copy"
+
+
+@pytest.mark.parametrize("op", registry.names())
+def test_memory_job_runs_every_registered_op(op):
+    """The memory job builds inputs as the registry declares them, positionally: it once
+    passed ``seed=`` by keyword, which entries built with ``lambda *a`` (rms_norm,
+    residual_layer_norm) refuse, so their memory was never measured."""
+    cfg = Config(op=op, device="cpu", sizes=[32], batch=2).resolve()
+    answer = _memory_job({"config": dataclasses.asdict(cfg), "shape": cfg.shapes()[0],
+                          "impl": "naive", "mode": "fwd+bwd"})
+    assert answer["extra_mem_mib"] >= 0
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +239,7 @@ def test_gpt_bench_compares_variants_and_saves(gpt_bench):
 
 
 def test_gpt_bench_rows_that_disagree_are_wrong():
-    from fastattn import bench_gpt
+    from fastattn.tools import bench_gpt
     naive = {"dtype": "float32", "weights_checksum": 1.0, "first_loss": 5.0,
              "tokens_per_s": 10.0, "extra_mem_mib": 2.0}
     fast = {**naive, "first_loss": 5.5, "tokens_per_s": 20.0, "extra_mem_mib": 1.0}
@@ -205,11 +252,11 @@ def test_gpt_bench_rows_that_disagree_are_wrong():
 
 def test_sweep_crosses_settings_and_keeps_each_run(tmp_path):
     """``run_sweep`` in this process (no memory processes): one full run per point."""
-    cfg = fb.Config(device="cpu", sizes=[32], heads=2, quick=True, memory=False,
-                    heap_retention=fb.heap_retention_active(), modes=["fwd"])
+    cfg = Config(device="cpu", sizes=[32], heads=2, quick=True, memory=False,
+                 heap_retention=heap_retention_active(), modes=["fwd"])
     seen = []
-    doc = fb.run_sweep(cfg, {"head_dim": [16, 32], "causal": [True, False]},
-                       on_run=lambda d: seen.append(d["sweep_point"]))
+    doc = sweep.run_sweep(cfg, {"head_dim": [16, 32], "causal": [True, False]},
+                          on_run=lambda d: seen.append(d["sweep_point"]))
     points = [{"head_dim": d, "causal": c} for d in (16, 32) for c in (True, False)]
     assert seen == points and [r["sweep_point"] for r in doc["runs"]] == points
     for run, point in zip(doc["runs"], points):
@@ -217,22 +264,30 @@ def test_sweep_crosses_settings_and_keeps_each_run(tmp_path):
         assert run["config"]["causal"] is point["causal"]
         assert {r["shape"]["D"] for r in run["rows"]} == {point["head_dim"]}
         assert {r["impl"] for r in run["rows"]} >= {"naive", "sdpa", "fastattn/torch"}
-    rows = fb.sweep_rows(doc)
+    rows = report.sweep_rows(doc)
     assert len(rows) == 4 and all(r["status"] == "ok" and "speedup_vs_naive" in r
                                   for r in rows)
-    table = fb.format_sweep_table(doc)
+    table = report.format_sweep_table(doc)
     assert table.splitlines()[0].split()[:4] == ["head_dim", "causal", "T", "mode"]
-    assert "attention sweep on" in fb.describe_sweep(doc)
-    json_path, png_path, _ = fb.save(doc, tmp_path / "results" / "cpu-test-2c")
-    assert json_path.name == "attention_sweep.json" and png_path.stat().st_size > 0
+    assert "flash_attention sweep on" in report.describe_sweep(doc)
+    json_path, png_path, _ = save(doc, tmp_path / "results" / "cpu-test-2c")
+    assert json_path.name == "flash_attention_sweep.json" and png_path.stat().st_size > 0
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:attention_sweep:begin -->\n"
-                      "<!-- results:attention_sweep:end -->\n")
+    readme.write_text("<!-- results:flash_attention_sweep:begin -->\n"
+                      "<!-- results:flash_attention_sweep:end -->\n")
     argv = ["--readme", str(readme), "--results", str(tmp_path / "results")]
     assert load_update_readme().main(argv) == 0
     assert "| head_dim | causal | T | mode | impl |" in readme.read_text()
     with pytest.raises(ValueError, match="sweep axes must be among"):
-        fb.run_sweep(cfg, {"colour": [1]})
+        sweep.run_sweep(cfg, {"colour": [1]})
+
+
+def test_sweep_axes_follow_the_registry_entry():
+    assert sweep.sweep_axes("flash_attention", "cpu") == {
+        "head_dim": [32, 64, 128], "causal": [True, False], "dtype": ["float32", "bfloat16"]}
+    assert sweep.sweep_axes("layer_norm", "cuda") == {
+        "dtype": ["bfloat16", "float16", "float32"]}
+    assert sweep.sweep_size("flash_attention", "cpu") == 2048
 
 
 def load_update_readme():
@@ -250,8 +305,8 @@ def test_update_readme_replaces_only_the_marked_block(bench, gpt_bench, tmp_path
     (results_dir / "cpu-test-2c").mkdir(parents=True)
     for name in os.listdir(out):
         (results_dir / "cpu-test-2c" / name).write_bytes((out / name).read_bytes())
-    before = "# Title\n\nintro\n\n<!-- results:attention:begin -->\n"
-    after = "<!-- results:attention:end -->\n\n## Layout\ntext\n"
+    before = "# Title\n\nintro\n\n<!-- results:flash_attention:begin -->\n"
+    after = "<!-- results:flash_attention:end -->\n\n## Layout\ntext\n"
     readme = tmp_path / "README.md"
     readme.write_text(before + "stale table\n" + after)
     update_readme = load_update_readme()
@@ -262,8 +317,9 @@ def test_update_readme_replaces_only_the_marked_block(bench, gpt_bench, tmp_path
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after)
     assert "stale table" not in text
-    assert "results/cpu-test-2c/attention.json" in text            # names its source
-    assert json.loads((out / "attention.json").read_text())["provenance"]["device"] in text
+    assert "results/cpu-test-2c/flash_attention.json" in text      # names its source
+    device = json.loads((out / "flash_attention.json").read_text())["provenance"]["device"]
+    assert device in text
     assert "| fastattn/torch | 128 | fwd+bwd |" in text
     assert update_readme.main(argv + ["--check"]) == 0               # idempotent
     assert update_readme.main(argv) == 0 and readme.read_text() == text
@@ -288,5 +344,5 @@ def test_update_readme_replaces_only_the_marked_block(bench, gpt_bench, tmp_path
     assert update_readme.main(argv) == 0
     assert readme.read_text() == "# no markers here\n"
     err = capsys.readouterr().err
-    assert "no '<!-- results:attention:begin/end -->' markers" in err
+    assert "no '<!-- results:flash_attention:begin/end -->' markers" in err
     assert "no '<!-- results:fakeop:begin/end -->' markers" in err

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.py: step running, budget, headlines and the summary table (the
-GPU run itself is not something a CPU machine can check)."""
-import importlib.util
+"""fastattn/tools/gpu_check.py (``bash benchmarks/gpu_check.sh``): step running, budget,
+headlines, the plan and the summary table (the GPU run itself is not something a CPU
+machine can check)."""
 import json
 import sys
 from pathlib import Path
@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastattn.ops import registry
+from fastattn.tools import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+COMMITTED = sorted({path.stem for path in RESULTS.glob("*/*.json")})
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check",
-                                                  ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module        # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_check"]
+    return gpu_check
 
 
 def python_step(gc, name, code, limit=30.0, needs=0.0, log=None):
@@ -50,12 +48,9 @@ def test_summary_table_lists_every_step_and_failure_tail(gc, tmp_path):
     assert table.endswith("total 10 s of a 540 s budget")
 
 
-@pytest.mark.parametrize("name", ["attention", "layer_norm", "bias_gelu", "gpt",
-                                  "attention_sweep"])
+@pytest.mark.parametrize("name", COMMITTED)
 def test_headline_reads_committed_results(gc, tmp_path, name):
     found = sorted(RESULTS.glob(f"*/{name}.json"))
-    if not found:
-        pytest.skip(f"no committed {name}.json")
     (tmp_path / f"{name}.json").write_text(found[0].read_text())
     step = gc.Step(f"bench {name}", [], 1, 1, results=[f"{name}.json"])
     lines = gc.headline(step, tmp_path, [])
@@ -70,16 +65,41 @@ def test_peaks_headline(gc, tmp_path):
     assert lines == ["bfloat16 700 TFLOP/s; copy 3000 GB/s"]
 
 
-def test_plan_runs_tests_then_benchmarks(gc, tmp_path):
+def test_committed_results_use_registry_names():
+    """One name per op: every committed results file is a registry op, its sweep or gpt."""
+    ops = set(registry.names())
+    assert COMMITTED and set(COMMITTED) <= {*ops, *(f"{op}_sweep" for op in ops), "gpt"}
+
+
+def test_info_headline_names_the_gpu(gc, tmp_path):
+    """The GPU line of ``fastattn info`` is ``  cuda:0  <name>``: the headline once looked
+    for a line starting with ``cuda`` alone and never found the GPU."""
+    lines = ["torch    2.13.0", "triton   3.9.0", "CUDA     12.8", "devices:",
+             "  cpu     Some CPU, 16 cores, 16 threads", "  cuda:0  NVIDIA H200",
+             "  triton  cuda  yes  compiled for sm_90"]
+    assert gc.headline(gc.Step("info", [], 1, 1), tmp_path, lines) == [
+        "torch 2.13.0, triton 3.9.0, CUDA 12.8", "NVIDIA H200"]
+
+
+def test_plan_runs_tests_then_every_registered_op(gc, tmp_path):
+    """Compute-bound ops first, then the GPT, then the bandwidth-bound ops, then the
+    sweeps of the compute-bound ones: every registry entry, none named here."""
     names = [s.name for s in gc.steps(tmp_path, quick=False, with_tests=True, gpu=True)]
     assert names[:4] == ["info", "peaks", "build extension", "tests"]
-    assert names[4:] == ["bench attention", "bench gpt", "bench layer_norm",
-                         "bench residual_layer_norm", "bench bias_gelu",
-                         "bench attention sweep"]
+    compute = [s.name for s in registry.specs() if s.unit == "flops"]
+    bandwidth = [s.name for s in registry.specs() if s.unit != "flops"]
+    assert "flash_attention" in compute and "gelu" in bandwidth
+    assert names[4:] == [*(f"bench {n}" for n in compute), "bench gpt",
+                         *(f"bench {n}" for n in bandwidth),
+                         *(f"bench {n} sweep" for n in compute)]
     for step in gc.steps(tmp_path, quick=False, with_tests=False, gpu=True):
         assert step.name != "tests"
         if step.name.startswith("bench"):
             assert step.argv[-2:] == ["--save", str(tmp_path)]
+            op = step.argv[step.argv.index("--op") + 1]
+            assert ("--ext" in step.argv) == (op != "gpt" and "sweep" not in step.name
+                                              and "ext" in registry.get(op).backends)
+            assert step.results == [f"{op}{'_sweep' if 'sweep' in step.name else ''}.json"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")

@@ -1,5 +1,6 @@
-"""``fastattn profile`` (fastattn/profile.py) at tiny sizes: the trace, the table, the
-phase shares, memory, op profiles, the command line and bad arguments.
+"""``fastattn profile`` (fastattn/tools/profile.py, profile_report.py) at tiny sizes: the
+trace, the table, the phase shares, memory, every registered op's profile, the command
+line and bad arguments.
 No timing is asserted: only that the numbers are there, consistent and well-formed."""
 import argparse
 import json
@@ -9,7 +10,9 @@ import pickle
 import pytest
 import torch
 
-from fastattn import profile as fp
+from fastattn.ops import registry
+from fastattn.tools import profile as fp
+from fastattn.tools import profile_report as fr
 
 GPT_PHASES = ["forward", "backward", "optimizer"]
 OP_PHASES = ["forward", "backward"]
@@ -26,12 +29,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gpt(tmp_path_factory) -> fp.ProfileResult:
+def gpt(tmp_path_factory) -> fr.ProfileResult:
     out = tmp_path_factory.mktemp("profile-gpt")
     return fp.profile(device="cpu", batch=2, seq=32, steps=2, warmup=1, out=out)
 
 
-def check_table(result: fp.ProfileResult) -> None:
+def check_table(result: fr.ProfileResult) -> None:
     rows = result.rows
     assert rows, "the table is empty"
     times = [row.self_ms for row in rows]
@@ -43,7 +46,7 @@ def check_table(result: fp.ProfileResult) -> None:
     assert all(math.isclose(row.ms_per_step * result.steps, row.self_ms) for row in rows)
 
 
-def check_phases(result: fp.ProfileResult, phases: list[str]) -> None:
+def check_phases(result: fr.ProfileResult, phases: list[str]) -> None:
     assert list(result.phase_share) == phases == list(result.phase_ms)
     assert result.step_ms > 0
     assert all(0 < share <= 100 for share in result.phase_share.values())
@@ -78,7 +81,7 @@ def test_gpt_memory_on_cpu(gpt):
 
 
 def test_format_report_shows_phases_top_rows_and_files(gpt):
-    text = fp.format_report(gpt, top=3)
+    text = fr.format_report(gpt, top=3)
     lines = text.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("name ")))
     assert lines[header].split() == ["name", "calls", "self", "ms", "%", "ms/step"]
@@ -97,28 +100,33 @@ def test_naive_gpt_runs_no_fastattn_op(tmp_path):
     assert not any(row.name.startswith("fastattn::") for row in result.rows)
 
 
-@pytest.mark.parametrize("op", ["attention", "layer_norm", "bias_gelu"])
+@pytest.mark.parametrize("op", registry.names())
 def test_op_profile(op, tmp_path):
+    """Every registered op profiles, at the shape the tiny GPT (width 64, 4 heads, MLP
+    256) gives it at B=1, T=32, and its custom ops are what ran."""
     result = fp.profile(op, device="cpu", batch=1, seq=32, steps=2, out=tmp_path)
     check_table(result)
     check_phases(result, OP_PHASES)
-    assert result.variant is None and result.shape["B"] == 1 and result.shape["T"] == 32
-    assert any(row.name.startswith("fastattn::") for row in result.rows)
+    assert result.variant is None
+    assert result.shape == registry.get(op).model_shape(1, 32, 64, 4, 4, 256)
+    assert set(registry.get(op).custom_ops) <= {row.name for row in result.rows}
     names = {e.get("name") for e in json.loads(result.trace.read_text())["traceEvents"]}
     assert set(OP_PHASES) <= names
 
 
 def test_forced_backend_is_reported(tmp_path):
-    result = fp.profile("bias_gelu", device="cpu", batch=1, seq=16, steps=1,
+    result = fp.profile("gelu", device="cpu", batch=1, seq=16, steps=1,
                         backend="torch", out=tmp_path)
     assert result.backend == "torch"
-    assert "backend torch" in fp.describe(result)
+    assert "backend torch" in fr.describe(result)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"op": "conv"}, r"op must be one of \('gpt', 'attention', .*got 'conv'"),
+    ({"op": "conv"}, r"op must be one of \('gpt', .*'flash_attention'.*got 'conv'"),
+    ({"op": "attention"}, r"op must be one of .*got 'attention'"),    # one name per op
     ({"variant": "fastest"}, r"variant must be one of \('fast', 'naive'\), got 'fastest'"),
-    ({"op": "attention", "variant": "naive"}, r"variant 'naive' applies to op 'gpt' only"),
+    ({"op": "flash_attention", "variant": "naive"},
+     r"variant 'naive' applies to op 'gpt' only"),
     ({"preset": "huge"}, r"preset must be one of \('tiny', 'small', 'gpt2'\), got 'huge'"),
     ({"seq": 0}, r"seq must be a positive integer, got 0"),
     ({"batch": 2.5}, r"batch must be a positive integer, got 2.5"),
@@ -127,7 +135,8 @@ def test_forced_backend_is_reported(tmp_path):
     ({"dtype": "fp8"}, r"dtype must be one of \('auto', .*got 'fp8'"),
     ({"device": "tpu"}, r"device must be 'cpu' or 'cuda', got 'tpu'"),
     ({"backend": "cudnn"}, r"backend must be one of \('triton', 'ext', 'torch'\), got"),
-    ({"backend": "ext"}, r"backend 'ext' does not implement attention, which op 'gpt' runs"),
+    ({"backend": "ext"},
+     r"backend 'ext' does not implement flash_attention, which op 'gpt' runs"),
     ({"variant": "naive", "backend": "torch"}, r"the naive GPT runs none of them"),
 ])
 def test_bad_arguments_raise(kwargs, match, tmp_path):
@@ -159,10 +168,11 @@ def test_cli_prints_the_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
-    (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["--warmup", "-1"], "argument --warmup: expected a non-negative integer, got '-1'"),
     (["--op", "conv"], "argument --op: invalid choice: 'conv'"),
-    (["--op", "attention", "--variant", "naive"], "variant 'naive' applies to op 'gpt' only"),
+    (["--op", "flash_attention", "--variant", "naive"],
+     "variant 'naive' applies to op 'gpt' only"),
 ])
 def test_cli_bad_arguments(argv, match, tmp_path, capsys):
     p = parser()

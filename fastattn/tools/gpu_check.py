@@ -1,7 +1,7 @@
 """Check a GPU machine end to end, in one call, inside a time budget (default 9 minutes).
 
     bash benchmarks/gpu_check.sh OUT_DIR          # installs offline first, then this
-    python benchmarks/gpu_check.py OUT_DIR [--budget 540] [--skip-tests] [--quick]
+    python -m fastattn.tools.gpu_check OUT_DIR [--budget 540] [--skip-tests] [--quick]
 
 In order, each step in its own process with a time limit cut from what is left of the
 budget, so that one slow or failing step costs its own result and never the others:
@@ -11,10 +11,12 @@ budget, so that one slow or failing step costs its own result and never the othe
 3. the C++/CUDA extension, built just in time (``fastattn.ext.load()``, cached): a build
    failure is reported and the rest runs without it;
 4. the test suite on the device (``tests.log``; its last line goes in the summary);
-5. the benchmarks, most telling first: attention, GPT training naive vs fast, LayerNorm,
-   residual LayerNorm, bias-GELU (with the C++/CUDA extension when it builds), and the
-   attention sweep (head dim × causal × dtype); each writes ``<op>.json`` and
-   ``<op>.png`` into OUT_DIR (``fastattn bench --save OUT_DIR``);
+5. the benchmarks of every registered op (``fastattn.ops.registry``), most telling
+   first: the compute-bound ops (attention), GPT training naive vs fast, the
+   bandwidth-bound ops (LayerNorm, residual LayerNorm, RMSNorm, bias-GELU; with the
+   C++/CUDA extension when it builds), then each compute-bound op's sweep (attention:
+   head dim × causal × dtype); each writes ``<op>.json`` and ``<op>.png`` into OUT_DIR
+   (``fastattn bench --save OUT_DIR``);
 6. a summary table, printed last: each step's status, seconds and headline numbers
    (``summary.txt``).
 
@@ -34,8 +36,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from fastattn.ops import registry
+from fastattn.ops.registry import OpSpec
+from fastattn.tools.bench import report
+from fastattn.tools.bench.ops import tiny_settings
+from fastattn.tools.bench.provenance import REPO_ROOT, device_name
+from fastattn.tools.bench.timing import measure_copy_gbps, measure_peak_tflops
+from fastattn.tools.common import default_device, dtype_name
+
 FASTATTN = [sys.executable, "-m", "fastattn"]
+# The benchmark steps' time limits and the least time each needs, by the unit of the
+# op's work: a compute-bound op (attention) takes longer than a row-wise one.
+BENCH_LIMITS = {"flops": (110, 20), "bytes": (60, 15)}
 
 
 @dataclass
@@ -58,24 +72,38 @@ class Outcome:
     headline: list[str] = field(default_factory=list)
 
 
+def print_peaks(quick: bool) -> None:
+    """The peaks step's process: a large matmul per dtype and a large copy, as JSON."""
+    device = torch.device(default_device())
+    dtypes = ([torch.bfloat16, torch.float16, torch.float32] if device.type == "cuda"
+              else [torch.float32])
+    print(json.dumps({"device": device_name(device.type),
+                      "tflops": {dtype_name(d): measure_peak_tflops(device, d, quick)
+                                 for d in dtypes},
+                      "copy": measure_copy_gbps(device, torch.float32, quick)}, indent=1))
+
+
+def _bench_step(spec: OpSpec, out: Path, quick: bool, gpu: bool, sweep: bool = False
+                ) -> Step:
+    """``fastattn bench --op <op> [--sweep]``, saved into ``out``; with ``quick`` at tiny
+    sizes (a sweep at one), with ``--ext`` where the op has an ext backend."""
+    sizes = tiny_settings(spec, "cuda" if gpu else "cpu")["sizes"][:1 if sweep else 2]
+    argv = [*FASTATTN, "bench", "--op", spec.name, *(["--sweep"] if sweep else []),
+            *(["--seq", ",".join(map(str, sizes)), "--quick"] if quick else []),
+            *(["--ext"] if "ext" in spec.backends and not sweep else []), "--save", str(out)]
+    stem = f"{spec.name}_sweep" if sweep else spec.name
+    limit, needs = (150, 40) if sweep else BENCH_LIMITS[spec.unit]
+    return Step(f"bench {spec.name}{' sweep' if sweep else ''}", argv, limit, needs,
+                log=f"bench_{stem}.log", results=[f"{stem}.json"])
+
+
 def steps(out: Path, quick: bool, with_tests: bool, gpu: bool) -> list[Step]:
-    save = ["--save", str(out)]
     q = ["--quick"] if quick else []
-    tiny_attention = ["--seq", "128,256"] if quick else []
-    tiny_rows = ["--seq", "256,1024"] if quick else []
-    peaks = ("from fastattn import benchmark as fb; import json, torch, sys; "
-             "d = torch.device('cuda' if torch.cuda.is_available() else 'cpu'); "
-             "dts = [torch.bfloat16, torch.float16, torch.float32] if d.type == 'cuda' "
-             "else [torch.float32]; "
-             f"q = {quick}; "
-             "p = {'device': fb.device_name(d.type), "
-             "'tflops': {fb.dtype_name(t): fb.measure_peak_tflops(d, t, q) for t in dts}, "
-             "'copy': fb.measure_copy_gbps(d, torch.float32, q)}; "
-             "print(json.dumps(p, indent=1))")
-    build = ("import fastattn.ext as e; e.load(); print(e.describe())")
+    build = "import fastattn.ext as e; e.load(); print(e.describe())"
     out_steps = [
         Step("info", [*FASTATTN, "info"], 60, 5, log="info.txt"),
-        Step("peaks", [sys.executable, "-c", peaks], 90, 10, log="peaks.json"),
+        Step("peaks", [sys.executable, "-c", "from fastattn.tools.gpu_check import "
+                       f"print_peaks; print_peaks({quick})"], 90, 10, log="peaks.json"),
         # JIT-build the C++/CUDA extension once (cached): the tests and --ext load it.
         Step("build extension", [sys.executable, "-c", build], 240, 30,
              log="build_extension.log"),
@@ -85,21 +113,16 @@ def steps(out: Path, quick: bool, with_tests: bool, gpu: bool) -> list[Step]:
             "tests", [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-p",
                       "no:cacheprovider", *(["-k", "not gpt and not train"] if quick else [])],
             200, 30, log="tests.log", env={"FASTATTN_AUTOTUNE": "0"}))
-    ext = ["--ext"]
+    compute = [s for s in registry.specs() if s.unit == "flops"]
+    bandwidth = [s for s in registry.specs() if s.unit != "flops"]
     out_steps += [
-        Step("bench attention", [*FASTATTN, "bench", *tiny_attention, *q, *save], 110, 20,
-             log="bench_attention.log", results=["attention.json"]),
-        Step("bench gpt", [*FASTATTN, "bench", "--op", "gpt", *q, *save], 150, 30,
-             log="bench_gpt.log", results=["gpt.json"]),
-        *(Step(f"bench {op}", [*FASTATTN, "bench", "--op", op, *tiny_rows, *ext, *q, *save],
-               60, 15, log=f"bench_{op}.log", results=[f"{op}.json"])
-          for op in ("layer_norm", "residual_layer_norm", "bias_gelu")),
-        Step("bench attention sweep",
-             [*FASTATTN, "bench", "--sweep", *(["--seq", "128"] if quick else []), *q, *save],
-             150, 40, log="bench_attention_sweep.log", results=["attention_sweep.json"]),
+        *(_bench_step(spec, out, quick, gpu) for spec in compute),
+        Step("bench gpt", [*FASTATTN, "bench", "--op", "gpt", *q, "--save", str(out)], 150,
+             30, log="bench_gpt.log", results=["gpt.json"]),
+        *(_bench_step(spec, out, quick, gpu) for spec in bandwidth),
+        # On a CPU (--quick) a sweep alone would take minutes.
+        *(_bench_step(spec, out, quick, gpu, sweep=True) for spec in compute if gpu),
     ]
-    if not gpu:      # a CPU check (--quick): the sweep alone would take minutes
-        out_steps = [s for s in out_steps if s.name != "bench attention sweep"]
     return out_steps
 
 
@@ -112,7 +135,7 @@ def run_step(step: Step, out: Path, left_s: float) -> Outcome:
           flush=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(step.argv, cwd=ROOT, capture_output=True, text=True,
+        proc = subprocess.run(step.argv, cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=limit, env={**os.environ, **step.env}, check=False)
         output, status = proc.stdout + proc.stderr, (
             "ok" if proc.returncode == 0 else f"failed (exit status {proc.returncode})")
@@ -136,9 +159,6 @@ def _text(data) -> str:
 
 def headline(step: Step, out: Path, lines: list[str]) -> list[str]:
     """The step's few numbers for the summary: read from its results files."""
-    from fastattn import bench_gpt
-    from fastattn import benchmark as fb
-
     if step.name == "tests":
         return lines[-1:]
     if step.name == "peaks" and (out / "peaks.json").exists():
@@ -149,33 +169,17 @@ def headline(step: Step, out: Path, lines: list[str]) -> list[str]:
         return [", ".join(f"{k} {v['tflops']:.3g} TFLOP/s" for k, v in p["tflops"].items())
                 + f"; copy {p['copy']['gbps']:.4g} GB/s"]
     if step.name == "info":
-        # unindented "torch  2.x" lines are versions; the indented "cuda  <name>" line
-        # under "devices:" is the GPU (backend lines start with the backend's name)
+        # unindented "torch  2.x" lines are versions; the indented "cuda:0  <name>" lines
+        # under "devices:" are the GPUs (backend lines start with the backend's name)
         versions = [" ".join(line.split()) for line in lines
                     if not line[0].isspace() and line.split()[0] in ("torch", "triton", "CUDA")]
         gpus = [" ".join(line.split()[1:]) for line in lines if line[0].isspace()
-                and line.split()[0] == "cuda" and "none available" not in line]
+                and line.split()[0].startswith("cuda:")]
         return [", ".join(versions), *gpus[:1]]
     if step.name == "build extension":
         return lines[-1:]
-    found = []
-    for name in step.results:
-        path = out / name
-        if not path.exists():
-            continue
-        doc = json.loads(path.read_text())
-        if doc["op"] == "gpt":
-            found += bench_gpt.summary(doc["rows"])
-        elif "runs" in doc:
-            rows = [r for r in fb.sweep_rows(doc) if "speedup_vs_naive" in r]
-            if rows:
-                lo = min(rows, key=lambda r: r["speedup_vs_naive"])
-                found.append(f"{len(doc['runs'])} settings; speed vs naive "
-                             f"{lo['speedup_vs_naive']:.1f}× (worst) to "
-                             f"{max(r['speedup_vs_naive'] for r in rows):.1f}×")
-        else:
-            found += fb.summary(doc)
-    return found
+    return [line for name in step.results if (out / name).exists()
+            for line in report.headline(json.loads((out / name).read_text()))]
 
 
 def summary_table(outcomes: list[Outcome], total_s: float, budget_s: float) -> str:
@@ -203,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be > 0 seconds, got {args.budget}")
-    import torch
-
     gpu = torch.cuda.is_available()
     if not gpu and not args.quick:
         p.error("no CUDA device: this check is for a GPU machine (--quick runs its tiny "

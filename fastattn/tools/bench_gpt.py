@@ -10,15 +10,15 @@ modules; ``fast``: fastattn's kernels) it builds the same model (same seed, so t
 weights: checked), and times full training steps — forward, loss, backward, AdamW step —
 on one fixed batch. It reports
 
-* training tokens/s = B·T / median step time (CUDA: ``fastattn.benchmark.time_cuda``,
-  CUDA events; CPU: ``perf_counter`` around each step, the two variants' steps
-  interleaved in one process so that load from other processes hits both alike);
+* training tokens/s = B·T / median step time (CUDA: ``time_cuda``, CUDA events; CPU:
+  ``perf_counter`` around each step, the two variants' steps interleaved in one process
+  so that load from other processes hits both alike);
 * extra peak memory of a step (gradients, optimizer state and activations): CUDA
   ``max_memory_allocated`` minus what was allocated before; CPU the peak RSS of a fresh
   process that runs the case's first step, minus its RSS before it;
 * MFU = ``GPT.flops_per_token(T)`` (PaLM's 6·N + 12·L·H·Q·T) × tokens/s / peak, with the
   peak the best of a few large matmuls measured in the same run
-  (``fastattn.benchmark.measure_peak_tflops``);
+  (``measure_peak_tflops``);
 * on CPU also the process CPU time per step (``time.process_time``): with ``--threads 1``
   it hardly depends on other work on the machine, so its ratio is the steadier one on a
   shared machine;
@@ -34,27 +34,31 @@ versions, commit, date, allocator, load average) go to
 It lives in the package (not in ``benchmarks/``) so that ``fastattn bench --op gpt``
 works from any installation; ``benchmarks/bench_gpt.py`` is its script and its
 pytest-benchmark cases (``pytest benchmarks/ --benchmark-only``: a tiny model, both
-variants).
+variants). Timing, memory readings, provenance, tables, plots and saving are the
+harness's (``fastattn.tools.bench``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from fastattn import benchmark as fb
 from fastattn.models import GPT, GPTConfig
 from fastattn.models.optim import Precision, configure_optimizer, train_step
+from fastattn.tools.bench import report
+from fastattn.tools.bench.allocator import child_env
+from fastattn.tools.bench.memory import extra_memory_mib, memory_before
+from fastattn.tools.bench.provenance import REPO_ROOT, load_average, provenance
+from fastattn.tools.bench.results import save
+from fastattn.tools.bench.timing import measure_peak_tflops, quantiles, time_cpu, time_cuda
+from fastattn.tools.common import default_device, dtype_of, positive_int, positive_ints
 
 VARIANTS = ("naive", "fast")
 LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -86,7 +90,7 @@ def _build(case: dict) -> tuple[GPT, torch.optim.Optimizer, torch.Tensor, torch.
 def _train_step(case: dict, model: GPT, opt, x, y, losses: list) -> Callable[[], None]:
     """One training step as ``fastattn train`` runs it (``train_step``, no clipping):
     forward (autocast below fp32), loss, backward (loss-scaled in fp16), AdamW."""
-    precision = Precision(fb.dtype_of(case["dtype"]), torch.device(case["device"]).type)
+    precision = Precision(dtype_of(case["dtype"]), torch.device(case["device"]).type)
     scaler = precision.scaler()
 
     def step() -> None:
@@ -113,15 +117,15 @@ def measure_case(case: dict) -> dict:
     model, opt, x, y = _build(case)
     checksum, losses = _checksum(model), []
     step = _train_step(case, model, opt, x, y, losses)
-    base = _memory_before(device)
+    before = memory_before(device)
     step()                                                    # warm-up; its loss is checked
     if device.type == "cuda":
-        t = fb.time_cuda(step)
+        t = time_cuda(step)
     else:
-        t = fb.time_cpu(step, budget_s=0.0, min_repeats=case["steps"],
-                        max_repeats=case["steps"])
+        t = time_cpu(step, budget_s=0.0, min_repeats=case["steps"],
+                     max_repeats=case["steps"])
     row = {**_facts(case, model, losses, checksum),
-           "extra_mem_mib": _extra_memory(device, base)}
+           "extra_mem_mib": extra_memory_mib(device, before)}
     return _with_time(row, t.p20, t.p50, t.p80)
 
 
@@ -146,12 +150,12 @@ def time_interleaved(cases: list[dict]) -> list[dict]:
             cpu[i].append((time.process_time() - c0) * 1e3)
     rows = []
     for (case, model, checksum, losses, _), ts, cs in zip(built, times, cpu):
-        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else ts * 9
+        t = quantiles(ts)
         row = _facts(case, model, losses, checksum)
         # CPU time of the process per step: with --threads 1 it hardly depends on what
         # else the machine runs, unlike wall time.
         row["cpu_ms"] = statistics.median(cs)
-        rows.append(_with_time(row, q[1], statistics.median(ts), q[7]))
+        rows.append(_with_time(row, t.p20, t.p50, t.p80))
     return rows
 
 
@@ -161,31 +165,11 @@ def _with_time(row: dict, p20: float, p50: float, p80: float) -> dict:
             "tokens_per_s": tokens / (p50 * 1e-3)}
 
 
-def _memory_before(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return _rss_bytes()
-
-
-def _extra_memory(device: torch.device, base: float) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-    return (peak - base) / 2**20
-
-
-def _rss_bytes() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _child(flag: str, payload, heap_retention: bool):
     """Run this module with ``flag`` in a fresh process: JSON ``payload`` in, JSON out."""
-    env = {**os.environ, **(fb.HEAP_RETENTION_ENV if heap_retention else {})}
-    env["PYTHONPATH"] = os.pathsep.join([str(fb.REPO_ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "fastattn.bench_gpt", flag],
+    env = child_env(heap_retention)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "fastattn.tools.bench_gpt", flag],
                           input=json.dumps(payload),
                           stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
@@ -218,11 +202,11 @@ def run_gpt_bench(seq_lens: list[int] | None = None, steps: int | None = None,
     ``mem_ratio_vs_naive``. ``memory=False`` skips the CPU memory processes (the rows get
     no ``extra_mem_mib``); on CUDA the memory is measured in the timing process anyway.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     d = CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     isolate = (device == "cpu" and sys.platform == "linux") if isolate is None else isolate
-    peak = peak or fb.measure_peak_tflops(torch.device(device), fb.dtype_of(dtype))
+    peak = peak or measure_peak_tflops(torch.device(device), dtype_of(dtype))
     base = dict(n_layer=n_layer or d["n_layer"], n_embd=n_embd or d["n_embd"],
                 n_head=n_head or d["n_head"], batch=batch or d["batch"],
                 vocab_size=vocab_size or d["vocab_size"], device=device, dtype=dtype,
@@ -275,7 +259,7 @@ def _compare(naive: dict, fast: dict) -> None:
         for row in (naive, fast):
             row.setdefault("status", "ok")
         return
-    rtol = LOSS_RTOL[fb.dtype_of(fast["dtype"])]
+    rtol = LOSS_RTOL[dtype_of(fast["dtype"])]
     same_weights = abs(naive["weights_checksum"] - fast["weights_checksum"]) <= 1e-9 * max(
         1.0, abs(naive["weights_checksum"]))
     loss_err = abs(naive["first_loss"] - fast["first_loss"]) / abs(naive["first_loss"])
@@ -297,94 +281,10 @@ def results_document(rows: list[dict], peak: dict, command: str,
     """The results with the harness's provenance (``load``: load average at the start)."""
     device, dtype = rows[0]["device"], rows[0]["dtype"]
     threads = rows[0].get("threads") or torch.get_num_threads()
-    prov = fb.provenance(SimpleNamespace(device=device, dtype=dtype), threads, load)
+    prov = provenance(device, dtype, threads, load)
     prov["command"] = command
     return {"schema": 1, "op": "gpt", "x": "T", "unit": "tokens/s", "peak": peak,
             "provenance": prov, "rows": rows}
-
-
-def format_table(rows: list[dict], markdown: bool = False) -> str:
-    header = ["T", "variant", "tokens/s", "step ms", "CPU ms", "extra MiB", "MFU %",
-              "speed vs naive", "CPU time naive/x", "mem naive/x", "status"]
-    ratio = lambda r, k: f"{r[k]:.2f}×" if k in r else "-"
-    cells = [[str(r["T"]), r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
-              f"{r['cpu_ms']:.1f}" if "cpu_ms" in r else "-",
-              f"{r['extra_mem_mib']:,.0f}" if "extra_mem_mib" in r else "-",
-              f"{100 * r['mfu']:.1f}", ratio(r, "speedup_vs_naive"),
-              ratio(r, "cpu_speedup_vs_naive"), ratio(r, "mem_ratio_vs_naive"), r["status"]]
-             if "tokens_per_s" in r else
-             [str(r["T"]), r["variant"], *["-"] * 8, f"{r['status']}: {r['error']}"]
-             for r in rows]
-    if markdown:
-        return "\n".join(["| " + " | ".join(header) + " |",
-                          "|" + "|".join("---:" for _ in header) + "|",
-                          *("| " + " | ".join(c) + " |" for c in cells)])
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    line = lambda c: "  ".join(v.rjust(w) for v, w in zip(c, widths))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells)])
-
-
-def summary(rows: list[dict]) -> list[str]:
-    """One line per length: the fast GPT's speed and memory against the naive one."""
-    return [f"fast GPT at T={r['T']}: {r['speedup_vs_naive']:.2f}× the naive tokens/s"
-            + (f", naive/fast extra memory {r['mem_ratio_vs_naive']:.2f}×"
-               if "mem_ratio_vs_naive" in r else "")
-            for r in rows if "speedup_vs_naive" in r]
-
-
-def readme_block(doc: dict) -> str:
-    """The README's GPT results: caption, summary lines, markdown table."""
-    return (describe(doc) + "\n\n" + "".join(f"- {line}\n" for line in summary(doc["rows"]))
-            + "\n" + format_table(doc["rows"], markdown=True))
-
-
-def describe(doc: dict) -> str:
-    r, prov = doc["rows"][0], doc["provenance"]
-    commit = (prov["commit"] or "no commit")[:10] + (" (dirty)" if prov["dirty"] else "")
-    return (f"GPT training on {prov['device']}: {r['n_layer']} layers, width {r['n_embd']}, "
-            f"{r['n_head']} heads, batch {r['batch']}, vocab {r['vocab_size']}, {r['dtype']}, "
-            f"AdamW; median of {r['steps']} steps; peak {doc['peak']['tflops']:.3g} TFLOP/s "
-            f"({doc['peak']['how']}); torch {prov['torch']}, {prov['threads']} threads; "
-            f"allocator: {prov['allocator']['timing']}; load average at start "
-            f"{prov.get('load_average_at_start')}; commit {commit}, {prov['date']}")
-
-
-def save(doc: dict, directory: str | Path | None = None) -> tuple[Path, Path | None]:
-    directory = Path(directory or fb.default_results_dir(doc["rows"][0]["device"]))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "gpt.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    try:
-        return path, plot(doc, directory / "gpt.png")
-    except ImportError:
-        return path, None
-
-
-def plot(doc: dict, path: Path) -> Path:
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4), layout="tight")
-    ax_t, ax_m = fig.subplots(1, 2)
-    for variant in VARIANTS:
-        mine = [r for r in doc["rows"] if r["variant"] == variant and r["status"] == "ok"
-                and "tokens_per_s" in r]
-        ts = [r["T"] for r in mine]
-        ax_t.plot(ts, [r["tokens_per_s"] for r in mine], "o-", label=variant)
-        with_mem = [r for r in mine if "extra_mem_mib" in r]
-        ax_m.plot([r["T"] for r in with_mem], [r["extra_mem_mib"] for r in with_mem], "o-",
-                  label=variant)
-    sizes = sorted({r["T"] for r in doc["rows"]})
-    for ax, what in ((ax_t, "training tokens/s"), (ax_m, "extra peak memory (MiB)")):
-        ax.set(xlabel="sequence length T", ylabel=what, title=what)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(t) for t in sizes])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend()
-    prov = doc["provenance"]
-    fig.suptitle(f"GPT naive vs fast on {prov['device']}, torch {prov['torch']}, "
-                 f"{prov['date'][:10]}", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # -------------------------------------------------------------------------- main
@@ -399,24 +299,24 @@ def bench_and_report(command: str, *, seq_lens: list[int] | None = None,
     it: what ``fastattn bench --op gpt`` and ``python benchmarks/bench_gpt.py`` run.
     ``model``: n_layer, n_embd, n_head, batch, vocab_size overrides. Returns the exit
     status: 1 if the variants disagree."""
-    start, load = time.perf_counter(), fb.load_average()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start, load = time.perf_counter(), load_average()
+    device = device or default_device()
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     if quick:
         seq_lens, steps = seq_lens or QUICK["seq_lens"], steps or QUICK["steps"]
     if threads:
         torch.set_num_threads(threads)                  # also for the peak matmul
-    peak = fb.measure_peak_tflops(torch.device(device), fb.dtype_of(dtype), quick=quick)
+    peak = measure_peak_tflops(torch.device(device), dtype_of(dtype), quick=quick)
     rows = run_gpt_bench(seq_lens, steps, device, dtype, peak=peak, threads=threads,
                          memory=memory, **model)
     doc = results_document(rows, peak, command, load)
-    print(describe(doc) + "\n")
-    print(format_table(rows))
-    if summary(rows):
-        print("\n" + "\n".join(summary(rows)))
+    print(report.describe_gpt(doc) + "\n")
+    print(report.format_gpt_table(rows))
+    if report.gpt_summary(rows):
+        print("\n" + "\n".join(report.gpt_summary(rows)))
     if save_dir is not None:
-        path, png = save(doc, save_dir or None)
-        print(f"\nsaved {path}" + (f" and {png}" if png else " (no plot: needs matplotlib)"))
+        path, png, note = save(doc, save_dir or None)
+        print(f"\nsaved {path}" + (f" and {png}" if png else f" ({note})"))
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     return 1 if any(r["status"] == "wrong" for r in rows) else 0
 
@@ -426,16 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         work = measure_case if sys.argv[1] == "--_case" else time_interleaved
         print(json.dumps(work(json.loads(sys.stdin.read()))))
         return 0
-    from fastattn.cli import _positive_int, _positive_ints   # the CLI's argument types
-
     p = argparse.ArgumentParser(description="Naive vs fast GPT training throughput.")
-    p.add_argument("--seq", type=_positive_ints, help="sequence lengths (CPU: 256,512,1024)")
-    p.add_argument("--steps", type=_positive_int, help="timed steps per case (CPU 5)")
+    p.add_argument("--seq", type=positive_ints, help="sequence lengths (CPU: 256,512,1024)")
+    p.add_argument("--steps", type=positive_int, help="timed steps per case (CPU 5)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     for name in ("n-layer", "n-embd", "n-head", "batch", "vocab-size"):
-        p.add_argument(f"--{name}", type=_positive_int)
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: "
+        p.add_argument(f"--{name}", type=positive_int)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: "
                    "torch's choice; 1 is steadier on a machine shared with other work)")
     p.add_argument("--quick", action="store_true", help="T=128,256, 2 steps: a smoke test")
     p.add_argument("--no-memory", dest="memory", action="store_false",

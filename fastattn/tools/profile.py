@@ -2,17 +2,17 @@
 
     fastattn profile                                  # GPT training steps (tiny on CPU)
     fastattn profile --variant naive --seq 1024       # the textbook GPT, to compare
-    fastattn profile --op attention --backend torch   # forward + backward of one op
+    fastattn profile --op flash_attention --backend torch   # forward + backward of an op
 
 It runs ``--warmup`` steps, then ``--steps`` profiled ones, under ``torch.profiler``
 (``schedule(warmup=..., active=...)``, so start-up work and the profiler's own start
 stay out of the numbers). A GPT step is ``fastattn.models.optim.train_step``:
 forward and loss under autocast (bf16 on CUDA), backward, gradient clipping, the AdamW
 step of ``configure_optimizer``, ``zero_grad``, on one fixed batch of random tokens
-(data loading is not profiled). An op step is the forward and backward of
-``fastattn.flash_attention`` / ``layer_norm`` / ``bias_gelu`` on the shapes the
-preset's GPT gives it: attention on (B, n_head, T, head_dim), LayerNorm on
-(B, T, n_embd), bias-GELU on (B, T, mlp_hidden).
+(data loading is not profiled). An op step is the forward and backward of a registered
+op's fastattn call (``fastattn.ops.registry``: ``fast`` on ``inputs``) at the shape the
+preset's GPT gives it (``model_shape``): attention on (B, n_head, T, head_dim), the
+row-wise ops on (B·T, width) with the width of their place in the block.
 
 The numbers:
 
@@ -37,66 +37,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
-import fastattn
 from fastattn import backends
 from fastattn.models.gpt import ATTENTION, GPT, PRESETS, GPTConfig
 from fastattn.models.optim import Precision, choose_precision, configure_optimizer, train_step
 from fastattn.models.train_config import DEFAULTS, TRAIN_PRESETS
+from fastattn.ops import registry
+from fastattn.tools.common import int_at_least, resolve_device
+from fastattn.tools.profile_report import (DEFAULT_TOP, MEMORY_VIZ, ProfileResult, add_memory,
+                                           format_report, rows_by_self_time)
 
-OPS = ("gpt", "attention", "layer_norm", "bias_gelu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_PRESET = {"cpu": "tiny", "cuda": "gpt2"}
 DEFAULT_OUT = "fastattn-profile"
-DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_TOP = 3, 1, 15
+DEFAULT_STEPS, DEFAULT_WARMUP = 3, 1
 MEMORY_ENTRIES = 100_000           # allocation events the CUDA snapshot keeps (a few KB each)
 TRACE_FILE, SNAPSHOT_FILE = "trace.json", "memory_snapshot.pickle"
-MEMORY_VIZ, PERFETTO = "https://pytorch.org/memory_viz", "https://ui.perfetto.dev"
-
-
-@dataclass
-class Row:
-    """One op (CPU) or kernel (CUDA) of the table, summed over the profiled steps."""
-    name: str
-    calls: int
-    self_ms: float
-    share: float                   # % of the profiled time
-    ms_per_step: float
-
-
-@dataclass
-class ProfileResult:
-    """What ``profile`` measured. Times in milliseconds, memory in bytes."""
-    op: str
-    variant: str | None            # "fast" / "naive" for the GPT, None for an op
-    preset: str
-    shape: dict[str, int]
-    device: str
-    dtype: str
-    backend: str                   # the forced backend, or "default (<name> on <device>)"
-    steps: int
-    warmup: int
-    time_kind: str                 # "self CPU time" (ops) or "self CUDA time" (kernels)
-    rows: list[Row]                # every op/kernel with self time > 0, longest first
-    profiled_ms: float             # the sum of all self times
-    step_ms: float                 # mean step time (timers, under the profiler)
-    phase_ms: dict[str, float]     # mean per step: forward, backward[, optimizer]
-    phase_share: dict[str, float]  # % of step_ms
-    peak_memory: int                # bytes; see memory_note
-    memory_note: str
-    trace: Path
-    snapshot: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- timing
@@ -170,64 +133,35 @@ def _gpt_step(config: GPTConfig, preset: str, batch: int, device: torch.device,
     return step
 
 
-def _op_inputs(op: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device,
-               approximate: str) -> tuple[Callable, tuple[torch.Tensor, ...], torch.Tensor]:
-    """The op as a function of its inputs, the inputs (requiring grad) and a gradient
-    for its output, random, on ``shape``."""
-    g = torch.Generator(device).manual_seed(0)
-
-    def randn(*size: int, scale: float = 1.0, grad: bool = True) -> torch.Tensor:
-        t = (torch.randn(size, generator=g, device=device) * scale).to(dtype)
-        return t.requires_grad_(grad)
-
-    b, t = shape["B"], shape["T"]
-    if op == "attention":
-        h, hkv, d = shape["H"], shape["H_kv"], shape["D"]
-        inputs = (randn(b, h, t, d), randn(b, hkv, t, d), randn(b, hkv, t, d))
-        dy = randn(b, h, t, d, grad=False)
-
-        def fn(q, k, v):
-            return fastattn.flash_attention(q, k, v, causal=True)
-    elif op == "layer_norm":
-        c = shape["C"]
-        weight = (1 + randn(c, scale=0.1, grad=False)).requires_grad_()
-        inputs, dy = (randn(b, t, c), weight, randn(c, scale=0.1)), randn(b, t, c, grad=False)
-
-        def fn(x, w, bias):
-            return fastattn.layer_norm(x, (c,), w, bias)
-    else:
-        n = shape["N"]
-        inputs, dy = (randn(b, t, n), randn(n, scale=0.1)), randn(b, t, n, grad=False)
-
-        def fn(x, bias):
-            return fastattn.bias_gelu(x, bias, approximate)
-    return fn, inputs, dy
-
-
 def _op_step(op: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device,
-             approximate: str) -> Step:
-    """Forward and backward of one op; gradients of every input, not accumulated."""
-    fn, inputs, dy = _op_inputs(op, shape, dtype, device, approximate)
+             config: GPTConfig) -> Step:
+    """Forward and backward of a registered op's fastattn call; gradients of every input,
+    not accumulated. An option the GPT config also sets (GELU's ``approximate``) takes
+    the config's value, as in the model."""
+    spec = registry.get(op)
+    options = {k: getattr(config, k, v) for k, v in spec.options.items()}
+    inputs, dy = spec.inputs(shape, dtype, device, 0)
 
     def step(timer: PhaseTimer) -> None:
         with timer.phase("forward"):
-            y = fn(*inputs)
+            y = spec.fast(*inputs, **options)
         with timer.phase("backward"):
             torch.autograd.grad(y, inputs, dy)
     return step
 
 
+def ops() -> tuple[str, ...]:
+    """What ``profile`` can profile: the GPT's training step and every registered op."""
+    return ("gpt", *registry.names())
+
+
 def _shape(op: str, config: GPTConfig, batch: int) -> dict[str, int]:
-    b, t = batch, config.block_size
-    if op == "attention":
-        return {"B": b, "H": config.n_head, "H_kv": config.kv_heads, "T": t,
-                "D": config.head_dim}
-    if op == "layer_norm":
-        return {"B": b, "T": t, "C": config.n_embd}
-    if op == "bias_gelu":
-        return {"B": b, "T": t, "N": config.mlp_hidden or 4 * config.n_embd}
-    return {"B": b, "T": t, "L": config.n_layer, "C": config.n_embd, "H": config.n_head,
-            "V": config.vocab_size}
+    if op != "gpt":
+        return registry.get(op).model_shape(batch, config.block_size, config.n_embd,
+                                            config.n_head, config.kv_heads,
+                                            config.mlp_hidden or 4 * config.n_embd)
+    return {"B": batch, "T": config.block_size, "L": config.n_layer, "C": config.n_embd,
+            "H": config.n_head, "V": config.vocab_size}
 
 
 # ------------------------------------------------------------------ validation
@@ -240,24 +174,12 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {what} integer, got {value!r}")
 
 
-def _device(device: str | None) -> torch.device:
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda' is not available (torch {torch.__version__}, "
-                         f"CUDA {torch.version.cuda})")
-    return torch.device(name)
-
-
 def _op_backends(op: str, variant: str) -> dict[str, tuple[str, ...]]:
-    """The fastattn ops a run calls, and the backends each implements."""
-    from fastattn.ops import flash_attention, gelu, layer_norm
-    table = {"attention": flash_attention.BACKENDS, "layer_norm": layer_norm.BACKENDS,
-             "bias_gelu": gelu.BACKENDS}
+    """The fastattn ops a run calls, and the backends each implements: the fast GPT
+    runs every op family (attention, LayerNorm, GELU), the naive one none."""
     if op != "gpt":
-        return {op: table[op]}
-    return table if variant == "fast" else {}
+        return {op: registry.get(op).backends}
+    return {s.family: s.backends for s in registry.specs()} if variant == "fast" else {}
 
 
 def _backend(backend: str | None, op: str, variant: str, device: torch.device) -> str:
@@ -317,7 +239,7 @@ def profile(op: str = "gpt", *, variant: str = "fast", preset: str | None = None
     Raises ValueError for bad arguments, naming the argument, its value and what is
     allowed."""
     _check_args(op, variant, dtype, seq, batch, steps, warmup, memory_entries)
-    dev = _device(device)
+    dev = torch.device(resolve_device(device))
     preset = preset or DEFAULT_PRESET[dev.type]
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -333,12 +255,12 @@ def profile(op: str = "gpt", *, variant: str = "fast", preset: str | None = None
         if op == "gpt":
             step = _gpt_step(config, preset, batch, dev, precision)
         else:
-            step = _op_step(op, shape, precision.dtype, dev, config.approximate)
+            step = _op_step(op, shape, precision.dtype, dev, config)
         timer = PhaseTimer(dev)
         prof, cuda_memory = _run(step, timer, steps, warmup, dev, out, memory_entries)
     trace = out / TRACE_FILE
     prof.export_chrome_trace(str(trace))
-    rows, total_us, kind = _table(prof.key_averages(), dev, steps)
+    rows, total_us, kind = rows_by_self_time(prof.key_averages(), dev, steps)
     times = timer.mean_ms(steps)
     step_ms = times.pop("step")
     result = ProfileResult(
@@ -348,14 +270,14 @@ def profile(op: str = "gpt", *, variant: str = "fast", preset: str | None = None
         profiled_ms=total_us / 1e3, step_ms=step_ms, phase_ms=times,
         phase_share={k: 100 * v / step_ms for k, v in times.items()}, peak_memory=0,
         memory_note="", trace=trace)
-    _add_memory(result, cuda_memory)
+    add_memory(result, cuda_memory)
     return result
 
 
 def _check_args(op: str, variant: str, dtype: str, seq: int | None, batch: int | None,
                 steps: int, warmup: int, memory_entries: int) -> None:
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op not in ops():
+        raise ValueError(f"op must be one of {ops()}, got {op!r}")
     if variant not in ATTENTION:
         raise ValueError(f"variant must be one of {ATTENTION}, got {variant!r}")
     if op != "gpt" and variant != "fast":
@@ -403,117 +325,7 @@ def _run(step: Step, timer: PhaseTimer, steps: int, warmup: int, device: torch.d
     return prof, memory
 
 
-def _add_memory(result: ProfileResult, cuda_memory: dict | None) -> None:
-    """Peak memory, what it counts, the snapshot, and on CUDA how busy the GPU was."""
-    r = result
-    if cuda_memory is None:
-        r.peak_memory = _cpu_peak(r.trace)
-        r.memory_note = ("allocated during the profiled steps (profiler memory events: "
-                         "what was live before them, such as parameters, optimizer state "
-                         "and inputs, is not counted)")
-        r.notes.append("memory snapshot: CUDA-only (torch.cuda.memory._record_memory_history)")
-        return
-    r.peak_memory, r.snapshot = cuda_memory["peak"], cuda_memory["snapshot"]
-    r.memory_note = (f"allocated (torch.cuda.max_memory_allocated), "
-                     f"{_mib(cuda_memory['before'])} of it before the first step "
-                     "(parameters, inputs)")
-    busy = r.profiled_ms / r.steps / r.step_ms if r.step_ms > 0 else 0.0
-    r.notes.append(f"kernels kept the GPU busy {100 * busy:.0f} % of the step time (the "
-                   "rest: waiting for the CPU to launch work)")
-
-
-def _self_device_us(event) -> float:
-    # torch >= 2.4 says "device", older versions "cuda".
-    value = getattr(event, "self_device_time_total", None)
-    return value if value is not None else getattr(event, "self_cuda_time_total", 0)
-
-
-def _table(events, device: torch.device, steps: int) -> tuple[list[Row], float, str]:
-    """Rows by self time: CPU ops on CPU, GPU kernels on CUDA (the GPU's user-annotation
-    copies of the record_function ranges are left out, as torch's own table does)."""
-    if device.type == "cuda":
-        kind = "self CUDA time"
-        timed = [(e, _self_device_us(e)) for e in events if e.device_type == DeviceType.CUDA
-                 and not getattr(e, "is_user_annotation", False)]
-    else:
-        kind = "self CPU time"
-        timed = [(e, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
-    timed = [(e, us) for e, us in timed if us > 0]
-    total = sum(us for _, us in timed)
-    timed.sort(key=lambda pair: (-pair[1], pair[0].key))
-    rows = [Row(e.key, e.count, us / 1e3, 100 * us / total, us / 1e3 / steps)
-            for e, us in timed]
-    return rows, total, kind
-
-
-def _cpu_peak(trace: Path) -> int:
-    """Peak "Total Allocated" of the profiler's CPU memory events in a Chrome trace."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
-    return max(totals, default=0)
-
-
-# -------------------------------------------------------------------- reporting
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def describe(result: ProfileResult) -> str:
-    """One line: what ran, on what."""
-    r = result
-    what = f"GPT ({r.variant})" if r.op == "gpt" else r.op
-    shape = ", ".join(f"{k}={v}" for k, v in r.shape.items())
-    return (f"{what}, preset {r.preset}: {shape}; {r.device} {r.dtype}, backend "
-            f"{r.backend}; {r.steps} profiled steps after {r.warmup} warm-up")
-
-
-def format_report(result: ProfileResult, top: int = DEFAULT_TOP) -> str:
-    """The phase shares, the top ``top`` rows of the table, memory and the files."""
-    r = result
-    lines = [describe(r), "",
-             f"step time {r.step_ms:.2f} ms (mean of {r.steps} steps, under the profiler)"]
-    for name, ms in r.phase_ms.items():
-        lines.append(f"  {name:<10} {r.phase_share[name]:5.1f} %  {ms:9.2f} ms")
-    rest = r.step_ms - sum(r.phase_ms.values())
-    lines.append(f"  {'other':<10} {100 * rest / r.step_ms:5.1f} %  {rest:9.2f} ms")
-    lines += ["", (f"top {min(top, len(r.rows))} of {len(r.rows)} by {r.time_kind} "
-                   f"({r.profiled_ms:.2f} ms over {r.steps} steps):")]
-    width = max([len("name")] + [len(row.name) for row in r.rows[:top]])
-    width = min(width, 60)
-    lines.append(f"{'name':<{width}}  {'calls':>6}  {'self ms':>9}  {'%':>6}  {'ms/step':>9}")
-    for row in r.rows[:top]:
-        name = row.name if len(row.name) <= width else row.name[:width - 1] + "…"
-        lines.append(f"{name:<{width}}  {row.calls:>6}  {row.self_ms:>9.3f}  "
-                     f"{row.share:>6.1f}  {row.ms_per_step:>9.3f}")
-    ranges = [row.name for row in r.rows[:top] if row.name in (*r.phase_ms, "ProfilerStep*")]
-    if ranges:
-        lines.append(f"({', '.join(ranges)}: time in that range outside any op: Python, "
-                     "the profiler)")
-    lines.append("")
-    lines.append(f"peak memory {_mib(r.peak_memory)} {r.memory_note}")
-    lines += r.notes
-    lines.append(f"trace: {r.trace} (chrome://tracing or {PERFETTO})")
-    if r.snapshot is not None:
-        lines.append(f"memory snapshot: {r.snapshot} (drop it into {MEMORY_VIZ})")
-    return "\n".join(lines)
-
-
 # -------------------------------------------------------------------------- CLI
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
 
 
 def add_profile_parser(sub: argparse._SubParsersAction) -> None:
@@ -524,7 +336,7 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
                     "(forward, backward, optimizer) and the top ops/kernels by self time, "
                     "write a Chrome trace and, on CUDA, a memory snapshot for "
                     f"{MEMORY_VIZ}.")
-    p.add_argument("--op", choices=OPS, default="gpt",
+    p.add_argument("--op", choices=ops(), default="gpt",
                    help="gpt: training steps; an op: its forward + backward (default gpt)")
     p.add_argument("--variant", choices=ATTENTION, default="fast",
                    help="the GPT's blocks: fastattn's (fast) or textbook (naive); "
@@ -532,13 +344,13 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=list(PRESETS),
                    help="model shape (default: tiny on cpu, gpt2 on cuda); for an op, the "
                         "shapes that preset's GPT gives it")
-    p.add_argument("--seq", type=_int_at_least(1), metavar="T",
+    p.add_argument("--seq", type=int_at_least(1), metavar="T",
                    help="sequence length (default: the preset's block_size)")
-    p.add_argument("--batch", type=_int_at_least(1), metavar="B",
+    p.add_argument("--batch", type=int_at_least(1), metavar="B",
                    help="batch size (default: fastattn train's for the preset, 16)")
-    p.add_argument("--steps", type=_int_at_least(1), default=DEFAULT_STEPS, metavar="N",
+    p.add_argument("--steps", type=int_at_least(1), default=DEFAULT_STEPS, metavar="N",
                    help=f"profiled steps (default {DEFAULT_STEPS})")
-    p.add_argument("--warmup", type=_int_at_least(0), default=DEFAULT_WARMUP, metavar="N",
+    p.add_argument("--warmup", type=int_at_least(0), default=DEFAULT_WARMUP, metavar="N",
                    help=f"steps run before them, not counted (default {DEFAULT_WARMUP})")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available, else cpu")
@@ -550,9 +362,9 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"folder for trace.json and the memory snapshot (default "
                         f"./{DEFAULT_OUT})")
-    p.add_argument("--top", type=_int_at_least(1), default=DEFAULT_TOP, metavar="N",
+    p.add_argument("--top", type=int_at_least(1), default=DEFAULT_TOP, metavar="N",
                    help=f"rows of the table (default {DEFAULT_TOP})")
-    p.add_argument("--memory-entries", type=_int_at_least(1), default=MEMORY_ENTRIES,
+    p.add_argument("--memory-entries", type=int_at_least(1), default=MEMORY_ENTRIES,
                    metavar="N",
                    help=f"CUDA: allocation events the snapshot keeps (default "
                         f"{MEMORY_ENTRIES:,})")
@@ -571,5 +383,4 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["OPS", "PhaseTimer", "ProfileResult", "Row", "add_profile_parser", "describe",
-           "format_report", "profile"]
+__all__ = ["PhaseTimer", "add_profile_parser", "ops", "profile"]

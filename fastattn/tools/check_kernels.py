@@ -1,0 +1,538 @@
+"""``fastattn check-kernels``: compile every Triton kernel for real GPUs, without one.
+
+    fastattn check-kernels                        # every op, dtype, config on sm_80, sm_90
+    fastattn check-kernels --op flash_attention --dtype bfloat16 --head-dim 128 --arch 90
+    fastattn check-kernels --configs first --json # the FASTATTN_AUTOTUNE=0 configs only
+
+How a kernel is compiled
+------------------------
+Each op's launchers (``kernels/*.py``) run on small CPU tensors while ``launch`` is
+intercepted: every kernel launch is recorded as (kernel, arguments, keywords) instead
+of run. Each recording is then handed to the kernel's own ``warmup``, which binds and
+specialises the arguments exactly as a launch does (pointers and ints divisible by 16,
+ints equal to 1, constexprs) and compiles, ``triton.compile`` with a ``GPUTarget``, for
+the architecture that a stub driver reports (``_TargetDriver``). Nothing touches a
+device, so signatures, specialisations and compile options are those of a real launch
+of that shape. An autotuned kernel is compiled with each of its configs; the first is
+the one ``FASTATTN_AUTOTUNE=0`` launches (marked ``*``).
+
+The launch shapes: attention on (B=1, H=2, T=1024, D) contiguous q, k, v (MHA,
+self-attention, causal unless ``--no-causal``), forward and backward; LayerNorm with
+weight, bias and the fused residual add (the GPT's ``ln2``, the heaviest variant), and
+bias + exact GELU, on (4096, N) rows, forward and backward.
+
+What is reported, per kernel, dtype, size, config and architecture
+------------------------------------------------------------------
+* shared memory: Triton's dynamic allocation plus the cubin's static shared memory,
+  against the most one block may opt in to (``SMEM_LIMIT``). A kernel over it fails to
+  launch with OutOfResources; the autotuner skips such configs, the
+  ``FASTATTN_AUTOTUNE=0`` path cannot.
+* registers and spill bytes per thread: ``cuobjdump -res-usage`` on the cubin (REG and
+  STACK; Triton kernels keep no local arrays, so their stack frame is spilled registers).
+* matmul instructions (``wgmma`` on sm_90 needs 64-row tiles per warpgroup; otherwise
+  ``mma.sync``; fp32 with ``input_precision="ieee"`` has none: FMA) and TMA loads
+  (``cp.async.bulk.tensor``), found in the PTX.
+
+Problems (the exit status is 1 when there is one): a launch shape with no config that
+fits shared memory, a first config that does not fit, a first config that spills on
+sm_90 in fp16/bf16, and a kernel that does not compile.
+
+Tests run Triton under ``TRITON_INTERPRET=1``, where ``@triton.jit`` kernels are
+interpreted and cannot be compiled, and the mode is fixed when Triton is imported. So
+the compiling happens in worker processes started with ``TRITON_INTERPRET`` (and
+``FASTATTN_AUTOTUNE``, which would hide all but the first config) unset; the workers
+also compile in parallel. Results are cached on disk, keyed by the Triton version, the
+kernel's source hash (``JITFunction.cache_key``, which covers the ``@triton.jit``
+functions it calls), the arguments' specialisation, the config and the architecture.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from fastattn.tools.common import positive_int, positive_ints
+
+SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+"""Bytes of shared memory one block may opt in to, per compute capability (CUDA C
+Programming Guide, "Technical Specifications per Compute Capability")."""
+OPS = ("flash_attention", "layer_norm", "gelu")
+DTYPES = ("float16", "bfloat16", "float32")
+HEAD_DIMS = (16, 64, 80, 128, 256)
+WIDTHS = (768, 4096, 12288)  # GPT-2 small; a whole row in registers; a looped row
+NO_SPILL_ARCH, NO_SPILL_DTYPES = 90, ("float16", "bfloat16")
+
+_BATCH, _HEADS, _SEQ = 1, 2, 1024  # attention launch shape: (B, H, T, D)
+_ROWS = 4096                       # LayerNorm / GELU launch shape: (rows, width)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launch shape of one op: ``size`` is the head dim (attention) or the width."""
+    op: str
+    dtype: str
+    size: int
+    causal: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{'D' if self.op == 'flash_attention' else 'N'}={self.size}"
+
+
+def cases(ops: Sequence[str], dtypes: Sequence[str], head_dims: Sequence[int],
+          widths: Sequence[int], causal: bool = True) -> list[Case]:
+    """Every (op, dtype, size) launch shape to compile."""
+    return [Case(op, dtype, size, causal) for op in ops for dtype in dtypes
+            for size in (head_dims if op == "flash_attention" else widths)]
+
+
+# ----------------------------------------------------------------- the parent process
+
+
+def check(todo: Sequence[Case], archs: Sequence[int], all_configs: bool = True,
+          jobs: int | None = None, cache_dir: Path | None = None) -> list[dict]:
+    """Compile every kernel launched for ``todo`` on each of ``archs``; one row per
+    (case, kernel, config, arch), in that order. ``all_configs=False`` compiles only the
+    first config of each autotuned kernel; ``cache_dir=None`` disables the cache."""
+    jobs = jobs or len(os.sched_getaffinity(0))
+    spec = {"cases": [asdict(c) for c in todo], "archs": list(archs),
+            "all_configs": all_configs, "cache_dir": cache_dir and str(cache_dir)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTATTN_AUTOTUNE")}
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp, f"rows{i}.json") for i in range(jobs)]
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", __name__, "--worker",
+             json.dumps({**spec, "claims": tmp, "out": str(out)})], env=env)
+            for out in outs]
+        failed = sum(p.wait() != 0 for p in procs)
+        if failed:
+            raise RuntimeError(f"{failed} of {jobs} compile workers failed (their error "
+                               "is printed above)")
+        rows = [row for out in outs for row in json.loads(out.read_text())]
+    return sorted(rows, key=lambda row: row["job"])
+
+
+def _shape(row: dict) -> tuple:
+    return (row["kernel"], row["dtype"], row["size"], row["causal"], row["arch"])
+
+
+def _where(row: dict) -> str:
+    return f"{row['kernel']} {row['dtype']} {row['size']} on sm_{row['arch']}"
+
+
+def unfit_shapes(rows: Sequence[dict]) -> list[str]:
+    """Launch shapes for which no compiled config fits shared memory."""
+    fitting: dict[tuple, bool] = {}
+    for row in rows:
+        fitting[_shape(row)] = fitting.get(_shape(row), False) or row.get("fits", False)
+    return [f"{kernel} {dtype} {size} on sm_{arch}: no config fits shared memory"
+            for (kernel, dtype, size, _, arch), ok in fitting.items() if not ok]
+
+
+def unfit_defaults(rows: Sequence[dict]) -> list[str]:
+    """First configs (the FASTATTN_AUTOTUNE=0 ones) over the shared-memory limit."""
+    return [f"{_where(r)}: first config {r['config']} needs {r['smem']:,} B of shared "
+            f"memory, sm_{r['arch']} allows {r['smem_limit']:,}"
+            for r in rows if r["default"] and "error" not in r and not r["fits"]]
+
+
+def spilling_defaults(rows: Sequence[dict]) -> list[str]:
+    """First configs that spill registers on sm_90 in fp16/bf16."""
+    return [f"{_where(r)}: first config {r['config']} spills {r['spill']} B per thread"
+            for r in rows if r["default"] and r["arch"] == NO_SPILL_ARCH
+            and r["dtype"] in NO_SPILL_DTYPES and r.get("spill")]
+
+
+def compile_errors(rows: Sequence[dict]) -> list[str]:
+    return [f"{_where(r)}, config {r['config']}: {r['error']}"
+            for r in rows if "error" in r]
+
+
+def problems(rows: Sequence[dict]) -> list[str]:
+    """Everything that fails the check, one line each."""
+    return [*compile_errors(rows), *unfit_shapes(rows), *unfit_defaults(rows),
+            *spilling_defaults(rows)]
+
+
+_COLUMNS = (("kernel", 24), ("dtype", 9), ("size", 7), ("config", 22), ("arch", 6),
+            ("smem B", 9), ("limit B", 9), ("regs", 5), ("spill", 6), ("mma", 9),
+            ("tma", 3))
+
+
+def _cells(row: dict) -> list[str]:
+    config = row["config"] + (" *" if row["default"] else "")
+    head = [row["kernel"], row["dtype"], row["size"], config, f"sm_{row['arch']}"]
+    if "error" in row:
+        return head + [f"error: {row['error'].splitlines()[0]}"]
+    fit = "" if row["fits"] else " !"
+    regs, spill = ("?" if v is None else str(v) for v in (row["regs"], row["spill"]))
+    return head + [f"{row['smem']:,}{fit}", f"{row['smem_limit']:,}", regs, spill,
+                   row["mma"], "yes" if row["tma"] else "no"]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """One line per (kernel, dtype, size, config, arch); a blank line between shapes.
+    ``*`` marks the first config, ``!`` shared memory over the limit."""
+    lines = ["  ".join(f"{name:<{width}}" for name, width in _COLUMNS).rstrip()]
+    previous = None
+    for row in rows:
+        group = (row["kernel"], row["dtype"], row["size"])
+        if previous is not None and group != previous:
+            lines.append("")
+        previous = group
+        lines.append("  ".join(f"{cell:<{width}}" for cell, (_, width)
+                               in zip(_cells(row), _COLUMNS)).rstrip())
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- the worker processes
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver while compiling. Triton's JIT asks the active
+    driver for the target to compile for, and for a device and stream to key its caches
+    on; a warmup launches nothing, so that is all it needs. The device is the arch, so
+    each architecture gets its own JIT cache. (Triton 3.2's ``triton.autotune`` also
+    asks it for a benchmarker when the kernels are imported; nothing is benchmarked.)"""
+
+    def __init__(self, arch: int) -> None:
+        self.arch = arch
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self) -> int:
+        return self.arch
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_benchmarker(self):
+        def refuse(*args, **kwargs):
+            raise RuntimeError("check-kernels compiles only; it cannot benchmark")
+        return refuse
+
+
+@dataclass
+class _Job:
+    index: int
+    case: Case
+    fn: Any       # the @triton.jit JITFunction
+    args: tuple
+    kwargs: dict  # the launcher's keywords, then the config's
+    default: bool
+    arch: int
+
+
+def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
+    """(kernel, args, kwargs) of every launch the op's launchers make for ``case``,
+    recorded instead of run."""
+    import importlib
+    import pkgutil
+
+    from fastattn import kernels
+    from fastattn.kernels import _utils
+
+    recorded: list[tuple[Any, tuple, dict]] = []
+    modules = [importlib.import_module(f"{kernels.__name__}.{m.name}")
+               for m in pkgutil.iter_modules(kernels.__path__)]
+    patched = [m for m in modules if getattr(m, "launch", None) is _utils.launch]
+    for module in patched:
+        module.launch = lambda kernel: _Recorder(kernel, recorded)
+    try:
+        _RUNNERS[case.op](case)
+    finally:
+        for module in patched:
+            module.launch = _utils.launch
+    return recorded
+
+
+class _Recorder:
+    """What ``launch(kernel)`` returns while recording: ``[grid](*args, **kwargs)``
+    appends (kernel, args, kwargs) to ``recorded`` instead of launching."""
+
+    def __init__(self, kernel, recorded: list) -> None:
+        self.kernel, self.recorded = kernel, recorded
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.recorded.append((self.kernel, args, kwargs))
+
+
+def _run_flash_attention(case: Case) -> None:
+    import torch
+
+    from fastattn.kernels import flash_attention as fa
+
+    q = torch.empty(_BATCH, _HEADS, _SEQ, case.size, dtype=getattr(torch, case.dtype))
+    k, v, do = (torch.empty_like(q) for _ in range(3))
+    scale = case.size ** -0.5
+    o, lse = fa.attn_fwd(q, k, v, case.causal, scale)
+    fa.attn_bwd(do, q, k, v, o, lse, case.causal, scale)
+
+
+def _run_layer_norm(case: Case) -> None:
+    import torch
+
+    from fastattn.kernels import layer_norm as ln
+
+    x = torch.empty(_ROWS, case.size, dtype=getattr(torch, case.dtype))
+    w, b = torch.empty(case.size, dtype=x.dtype), torch.empty(case.size, dtype=x.dtype)
+    y, h, mean, rstd = ln.layer_norm_fwd(x, w, b, torch.empty_like(x), 1e-5, False)
+    ln.layer_norm_bwd(torch.empty_like(y), h, w, mean, rstd, torch.empty_like(x), True,
+                      False)
+
+
+def _run_gelu(case: Case) -> None:
+    import torch
+
+    from fastattn.kernels import gelu
+
+    x = torch.empty(_ROWS, case.size, dtype=getattr(torch, case.dtype))
+    b = torch.empty(case.size, dtype=x.dtype)
+    gelu.bias_gelu_fwd(x, b, "none")
+    gelu.bias_gelu_bwd(torch.empty_like(x), x, b, "none")
+
+
+_RUNNERS = {"flash_attention": _run_flash_attention, "layer_norm": _run_layer_norm,
+            "gelu": _run_gelu}
+
+
+def _jobs(spec: dict) -> Iterator[_Job]:
+    """Every (case, launch, config, arch), numbered the same way in every worker."""
+    from triton.runtime.jit import JITFunction
+
+    index = 0
+    for case in (Case(**c) for c in spec["cases"]):
+        for kernel, args, kwargs in _launches(case):
+            # An autotuned kernel is an Autotuner holding the JITFunction in .fn.
+            configs = ([c.all_kwargs() for c in kernel.configs]
+                       if hasattr(kernel, "configs") else [{}])
+            while not isinstance(kernel, JITFunction):
+                kernel = kernel.fn
+            for i, config in enumerate(configs if spec["all_configs"] else configs[:1]):
+                for arch in spec["archs"]:
+                    yield _Job(index, case, kernel, args, {**kwargs, **config}, i == 0,
+                               arch)
+                    index += 1
+
+
+def _cache_key(job: _Job) -> str:
+    import torch
+    import triton
+
+    def specialisation(arg):
+        if isinstance(arg, torch.Tensor):
+            return f"{arg.dtype} aligned={arg.data_ptr() % 16 == 0}"
+        return arg if isinstance(arg, (bool, int)) else type(arg).__name__
+
+    key = [triton.__version__, job.fn.cache_key, job.arch,
+           [specialisation(a) for a in job.args], sorted(map(repr, job.kwargs.items()))]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
+    tiles = " ".join(f"{name.removeprefix('BLOCK_')}{job.kwargs[name]}"
+                     for name in job.fn.arg_names
+                     if name.startswith("BLOCK_") and name in job.kwargs)
+    return {"job": job.index, "op": job.case.op, "dtype": job.case.dtype,
+            "size": job.case.label, "causal": job.case.causal, "kernel": job.fn.__name__,
+            "config": f"{tiles} w{num_warps} s{num_stages}", "default": job.default,
+            "arch": job.arch, "smem_limit": SMEM_LIMIT[job.arch]}
+
+
+def _compile(job: _Job) -> dict:
+    """Compile one job; the row's measurements."""
+    from triton.runtime.driver import driver
+
+    driver.set_active(_TargetDriver(job.arch))
+    kernel = job.fn.warmup(*job.args, grid=(1,), **job.kwargs)
+    ptx = kernel.asm["ptx"]
+    regs, spill, static_smem = _resource_usage(kernel.asm["cubin"])
+    mma = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
+           if op in ptx]
+    return {"num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages,
+            "smem": kernel.metadata.shared + static_smem, "regs": regs, "spill": spill,
+            "mma": "+".join(mma) or "none", "tma": "cp.async.bulk.tensor" in ptx}
+
+
+def _cuobjdump() -> str | None:
+    import triton.backends.nvidia as nvidia
+
+    shipped = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    return str(shipped) if shipped.exists() else shutil.which("cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
+    """(registers, spill bytes, static shared memory) per thread, from
+    ``cuobjdump -res-usage``; (None, None, 0) without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None, 0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"unexpected cuobjdump -res-usage output:\n{out}")
+    return tuple(int(g) for g in found.groups())
+
+
+def _measure(job: _Job, cache_dir: Path | None) -> dict:
+    """The job's row: from the cache, or compiled (and then cached)."""
+    path = cache_dir and cache_dir / f"{_cache_key(job)}.json"
+    if path and path.exists():
+        found, cached = json.loads(path.read_text()), True
+    else:
+        start = time.perf_counter()
+        try:
+            found = _compile(job)
+        except Exception as e:  # reported as a problem of this kernel, not a crash
+            found = {"num_warps": job.kwargs.get("num_warps", 4),
+                     "num_stages": job.kwargs.get("num_stages", 3),
+                     "error": f"{type(e).__name__}: {e}"}
+        found["seconds"], cached = round(time.perf_counter() - start, 2), False
+        if path and "error" not in found:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(found))
+            tmp.replace(path)  # atomic: workers may write the same key
+    row = _describe(job, found.pop("num_warps"), found.pop("num_stages"))
+    row.update(found, cached=cached)
+    if "error" not in row:
+        row["fits"] = row["smem"] <= row["smem_limit"]
+    return row
+
+
+def _claim(claims: str, index: int) -> bool:
+    """True for the one worker that creates the job's claim file first. Workers walk the
+    same job list and each takes the next unclaimed job, so a slow compile (fp32 tiles
+    take ten times longer) holds up only its own worker."""
+    try:
+        os.close(os.open(os.path.join(claims, f"job{index}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _worker(spec: dict) -> None:
+    """Compile the jobs this worker claims; write their rows to ``spec["out"]``."""
+    import warnings
+
+    # Triton 3.9 warns on every compile that its fp-fusion default will change; a
+    # launch would compile with the same default, so the warning says nothing here.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    from triton.runtime.driver import driver
+
+    driver.set_active(_TargetDriver(spec["archs"][0]))  # before the kernels are imported
+    cache_dir = spec["cache_dir"] and Path(spec["cache_dir"])
+    rows = []
+    for job in _jobs(spec):
+        if _claim(spec["claims"], job.index):
+            row = _measure(job, cache_dir)
+            rows.append(row)
+            state = "cached" if row["cached"] else f"{row['seconds']} s"
+            print(f"  {row['kernel']} {row['dtype']} {row['size']} {row['config']} "
+                  f"sm_{row['arch']}: {state}", file=sys.stderr, flush=True)
+    Path(spec["out"]).write_text(json.dumps(rows))
+
+
+# ----------------------------------------------------------------- the command line
+
+
+def _subset(allowed: Sequence, cast=str):
+    """argparse type: a comma-separated list of ``cast`` values, each in ``allowed``."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                             f"{', '.join(map(str, allowed))}, got {text!r}")
+        return list(dict.fromkeys(values))
+    return parse
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastattn" / "check-kernels"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-kernels", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed)",
+        description="Compile every Triton kernel with every autotune config for the given "
+                    "GPU architectures, from the launchers' real argument lists, and report "
+                    "shared memory against the limit, registers, spills, wgmma/mma.sync "
+                    "and TMA. Exit status 1 when a launch shape has no config that fits, "
+                    "a first (FASTATTN_AUTOTUNE=0) config does not fit, or spills on sm_90 "
+                    "in fp16/bf16.")
+    p.add_argument("--arch", type=_subset(SMEM_LIMIT, int), default=[80, 90], metavar="80,90",
+                   help=f"compute capabilities, of {', '.join(map(str, SMEM_LIMIT))} "
+                        "(default 80,90)")
+    p.add_argument("--op", type=_subset(OPS), default=list(OPS), metavar="OPS",
+                   help=f"of {', '.join(OPS)} (default: all)")
+    p.add_argument("--dtype", type=_subset(DTYPES), default=list(DTYPES), metavar="DTYPES",
+                   help=f"of {', '.join(DTYPES)} (default: all)")
+    p.add_argument("--head-dim", type=positive_ints, default=list(HEAD_DIMS), metavar="D",
+                   help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
+    p.add_argument("--width", type=positive_ints, default=list(WIDTHS), metavar="N",
+                   help="LayerNorm/GELU row widths (default "
+                        f"{','.join(map(str, WIDTHS))})")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="attention launches causal (default) or not")
+    p.add_argument("--configs", choices=["all", "first"], default="all",
+                   help="every autotune config (default) or only the first, which "
+                        "FASTATTN_AUTOTUNE=0 uses")
+    p.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                   help="compile processes (default: one per CPU core)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="where results are cached (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything again")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import triton
+
+    from fastattn.ops import flash_attention as fa  # not the kernels: no triton.autotune here
+
+    bad = [d for d in args.head_dim if not fa.head_dim_supported(d)]
+    if bad:
+        args.parser.error(f"--head-dim: a head dim must be {fa.HEAD_DIMS}, got {bad}")
+    start = time.perf_counter()
+    rows = check(cases(args.op, args.dtype, args.head_dim, args.width, args.causal),
+                 args.arch, args.configs == "all", args.jobs,
+                 None if args.no_cache else args.cache_dir)
+    found = problems(rows)
+    if args.json:
+        print(json.dumps({"triton": triton.__version__, "smem_limit": SMEM_LIMIT,
+                          "rows": rows, "problems": found}, indent=1))
+        return 1 if found else 0
+    compiled = sum(not r["cached"] for r in rows)
+    print(format_table(rows))
+    print(f"\n{len(rows)} kernel x config x arch: {compiled} compiled, "
+          f"{len(rows) - compiled} from the cache, in {time.perf_counter() - start:.0f} s "
+          f"(triton {triton.__version__}). * first config (FASTATTN_AUTOTUNE=0), "
+          "! over the shared-memory limit.")
+    print("\n".join(["", f"{len(found)} problem(s):", *found]) if found else "no problems")
+    return 1 if found else 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(json.loads(sys.argv[2]))
