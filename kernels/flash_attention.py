@@ -508,24 +508,50 @@ def _configs(tiles):
             for m, n, w, s in tiles]
 
 
-# For D <= 128: the sizes that win on A100 and H100. For D > 128 the (BLOCK, 256)
-# tiles and fp32 accumulators must still fit shared memory and registers, so the
-# tiles are smaller and fewer stages are pipelined. A config that does not fit a
-# device is skipped by the autotuner.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                         (64, 64, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)])
-_FWD_CONFIGS_BIG_D = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2),
-                               (64, 32, 4, 2)])
-# The dK/dV kernel keeps two (BLOCK_N, BLOCK_D) fp32 accumulators, the dQ kernel one
-# (BLOCK_M, BLOCK_D): their tiles are smaller than the forward's.
-_DKDV_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2),
-                          (128, 64, 8, 2)])
-_DKDV_CONFIGS_BIG_D = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                                (64, 32, 8, 2)])
-_DQ_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2),
-                        (64, 128, 8, 2)])
-_DQ_CONFIGS_BIG_D = _configs([(64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                              (64, 32, 8, 2)])
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, keyed by (operand bits,
+# head-dim band); the band is BLOCK_D, the head dim rounded up to a power of two (64
+# also serves D < 64). The first tile of each list is the one FASTATTN_AUTOTUNE=0
+# launches: it fits the shared memory of sm_80 (166,912 B per block), sm_90 (232,448 B)
+# and sm_86/89 (101,376 B), and in 16 bits it does not spill registers on sm_90.
+# `fastattn check-kernels` compiles every tile (tests/test_check_kernels.py holds the
+# first ones to this); the autotuner skips a tile that does not fit its device.
+# - 16 bits: a warpgroup (4 warps) holding a 128 x 128 fp32 accumulator spills, so the
+#   forward's 128-row tiles at D = 128 take 8 warps. sm_90 runs a dot as wgmma when each
+#   warpgroup owns >= 64 of its rows: BLOCK_M in the forward and dQ, BLOCK_N in dK/dV.
+#   dK/dV at D = 256 is the exception: its two (BLOCK_N, 256) fp32 accumulators plus the
+#   K and V tiles spill with BLOCK_N = 64 however the warps split them (8 warps: 24 B
+#   and more; 16 warps cap a thread at 128 registers), so its first tile has
+#   BLOCK_N = 32 and runs mma.sync; the wgmma tiles after it may still win on an H100.
+# - fp32: twice the bytes per tile and true-fp32 (ieee) dots, which run on FMA units,
+#   not tensor cores, and hold their operands in registers: 16- and 32-row tiles,
+#   2 stages.
+_FWD_TILES = {
+    (16, 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+               (64, 128, 4, 4)],
+    (16, 128): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3),
+                (128, 128, 8, 2)],
+    (16, 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+                (128, 32, 8, 2)],
+    (32, 64): [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 4, 2)],
+    (32, 128): [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
+    (32, 256): [(16, 32, 4, 2), (32, 16, 4, 2)],
+}
+_DKDV_TILES = {
+    (16, 64): [(32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)],
+    (16, 128): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
+    (16, 256): [(32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
+    (32, 64): [(16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
+    (32, 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 4, 2)],
+    (32, 256): [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+}
+_DQ_TILES = {
+    (16, 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
+    (16, 128): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
+    (16, 256): [(64, 16, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 1)],
+    (32, 64): [(32, 32, 4, 2), (32, 64, 4, 2)],
+    (32, 128): [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
+    (32, 256): [(16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+}
 
 # One small fixed tile under the interpreter, so the tests run on CPU in seconds.
 _INTERPRET_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -537,22 +563,26 @@ _DELTA_BLOCK_M = 16 if INTERPRET else 64
 _AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 
-def _by_head_dim(kernel, configs, big_d_configs):
-    """Kernel to launch for a head dim: autotuned over ``configs`` (D <= 128) or
-    ``big_d_configs`` (D > 128); under the interpreter the plain kernel, which the
-    launchers give ``_INTERPRET_TILES``."""
+def _tile_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
+    """Key of the tile tables: (operand bits, BLOCK_D but at least 64)."""
+    return dtype.itemsize * 8, max(64, next_pow2(head_dim))
+
+
+def _autotuned(kernel, tiles: dict):
+    """Kernel to launch for (dtype, head dim): autotuned over its list in ``tiles`` (only
+    the first tile under FASTATTN_AUTOTUNE=0); under the interpreter the plain kernel,
+    which the launchers give ``_INTERPRET_TILES``."""
     if INTERPRET:
-        return lambda head_dim: kernel
-    if not _AUTOTUNE:
-        configs, big_d_configs = configs[:1], big_d_configs[:1]
-    small = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
-    big = triton.autotune(configs=big_d_configs, key=_AUTOTUNE_KEY)(kernel)
-    return lambda head_dim: big if head_dim > 128 else small
+        return lambda dtype, head_dim: kernel
+    tuned = {key: triton.autotune(configs=_configs(t if _AUTOTUNE else t[:1]),
+                                  key=_AUTOTUNE_KEY)(kernel)
+             for key, t in tiles.items()}
+    return lambda dtype, head_dim: tuned[_tile_key(dtype, head_dim)]
 
 
-_attn_fwd = _by_head_dim(_attn_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_BIG_D)
-_attn_bwd_dkdv = _by_head_dim(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_BIG_D)
-_attn_bwd_dq = _by_head_dim(_attn_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_BIG_D)
+_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_TILES)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_TILES)
 _TILES = _INTERPRET_TILES if INTERPRET else {}
 
 
@@ -613,7 +643,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     Hkv, Tk = k.shape[1], k.shape[2]
     o = _empty((B, H, Tq, D), q.dtype, q.device)
     lse = _empty((B, H, Tq), torch.float32, q.device)
-    launch(_attn_fwd(D))[_flat_grid(Tq, "BLOCK_M", B * H)](
+    launch(_attn_fwd(q.dtype, D))[_flat_grid(Tq, "BLOCK_M", B * H)](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         H, H // Hkv, Tq, Tk, scale * LOG2E, next_pow2(Tq), next_pow2(Tk),
@@ -647,10 +677,10 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
                *delta.stride())
     lengths = (Tq, Tk, scale, scale * LOG2E, next_pow2(Tq), next_pow2(Tk))
-    launch(_attn_bwd_dkdv(D))[_flat_grid(Tk, "BLOCK_N", B * Hkv)](
+    launch(_attn_bwd_dkdv(q.dtype, D))[_flat_grid(Tk, "BLOCK_N", B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
         Hkv, H // Hkv, *lengths, **flags)
-    launch(_attn_bwd_dq(D))[_flat_grid(Tq, "BLOCK_M", B * H)](
+    launch(_attn_bwd_dq(q.dtype, D))[_flat_grid(Tq, "BLOCK_M", B * H)](
         q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
         H, H // Hkv, *lengths, **flags)
     return dq, dk, dv

@@ -304,3 +304,37 @@ def test_grid_fits_cuda_limits_for_batched_decoding(monkeypatch):
     assert grids[0] == (b * h,) and grids[2] == (b * hkv,)
     for grid in grids:
         assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), grid
+
+
+def _autotune_tile_pairs():
+    """Every (operand bits, head-dim band, BLOCK_M, BLOCK_N) the autotune tables hold, for
+    any of the three attention kernels."""
+    pairs = set()
+    for table in (fa._FWD_TILES, fa._DKDV_TILES, fa._DQ_TILES):
+        for (bits, band), tiles in table.items():
+            pairs.update((bits, band, m, n) for m, n, _, _ in tiles)
+    return sorted(pairs)
+
+
+TILE_PAIRS = _autotune_tile_pairs()
+# A head dim inside each band that is not a power of two (so BLOCK_D pads it).
+BAND_HEAD_DIM = {64: 40, 128: 80, 256: 160}
+
+
+@pytest.mark.parametrize("bits,band,block_m,block_n", TILE_PAIRS,
+                         ids=[f"{b}bit-D{d}-{m}x{n}" for b, d, m, n in TILE_PAIRS])
+def test_every_autotune_tile_matches_reference(monkeypatch, bits, band, block_m, block_n):
+    """The GPU tiles, not only the interpreter's 16×16: the causal diagonal, the tail of
+    Tq and Tk and the fully visible blocks fall on other rows and columns with 128×64 or
+    32×128 tiles, and each takes its own branch (masked or not, skipped or not). Forward
+    and backward, with bottom-right causal alignment (Tq < Tk), GQA, and lengths that no
+    tile divides."""
+    if INTERPRET:
+        monkeypatch.setattr(fa, "_TILES", {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    else:
+        pytest.skip("on a GPU the autotuner picks the tiles (test_check_kernels compiles "
+                    "them all); this forces each one through the interpreter")
+    # 16-bit tiles run fp16 or bf16 (alternating over the table), 32-bit ones fp32.
+    dtype = FP32 if bits == 32 else (FP16, BF16)[(block_m + block_n + band) // 16 % 2]
+    q, k, v, do = _inputs(1, 2, 1, 150, 171, BAND_HEAD_DIM[band], dtype)
+    _check_against_reference(q, k, v, do, True, 0.8 * BAND_HEAD_DIM[band] ** -0.5)

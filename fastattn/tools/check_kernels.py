@@ -111,9 +111,11 @@ def check(todo: Sequence[Case], archs: Sequence[int], all_configs: bool = True,
            if k not in ("TRITON_INTERPRET", "FASTATTN_AUTOTUNE")}
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp, f"rows{i}.json") for i in range(jobs)]
+        # A worker's stdout goes to stderr (fd 2), so that whatever the compiler prints
+        # (Triton prints the PTX when ptxas fails) stays out of --json output.
         procs = [subprocess.Popen(
             [sys.executable, "-m", __name__, "--worker",
-             json.dumps({**spec, "claims": tmp, "out": str(out)})], env=env)
+             json.dumps({**spec, "claims": tmp, "out": str(out)})], env=env, stdout=2)
             for out in outs]
         failed = sum(p.wait() != 0 for p in procs)
         if failed:
@@ -375,7 +377,7 @@ def _cuobjdump() -> str | None:
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
-    """(registers, spill bytes, static shared memory) per thread, from
+    """(registers per thread, spill bytes per thread, static shared memory bytes), from
     ``cuobjdump -res-usage``; (None, None, 0) without cuobjdump."""
     tool = _cuobjdump()
     if tool is None:

@@ -1,0 +1,182 @@
+"""``fastattn check-kernels``: every Triton kernel compiled for sm_80 and sm_90, no GPU.
+
+The kernels are compiled ahead of time (``triton.compile`` for a ``GPUTarget``, ptxas
+from the Triton wheel) from the launchers' real argument lists, and each launch shape
+must have a config that fits shared memory, its first config (the one
+``FASTATTN_AUTOTUNE=0`` launches) must fit, and that config must not spill registers on
+sm_90 in fp16/bf16.
+
+Budget: a compile takes 0.3-10 s (fp32 tiles are the slow ones); every config of every
+shape is 446 compiles (10 minutes). The session compiles
+
+* the first config of every kernel for fp16/bf16/fp32, head dims 16, 64, 80, 128 and
+  256 and norm widths 768 and 12288 (a whole row in registers; a looped row), on sm_80
+  and sm_90: 168 compiles. A fitting first config is a fitting config, so this also
+  checks that each of these shapes has one;
+* every config of the attention kernels for bf16 and fp32 at D = 128 and D = 256 (the
+  widest tiles, both operand widths): 62 more;
+
+with one on-disk result cache for the session, so the second set and the reruns reuse
+the first's compiles. From a cold Triton cache that is about 5 CPU-minutes (2.5-4 minutes
+on 2 cores); with a warm one, under a minute.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fastattn import cli
+from fastattn.tools import check_kernels as ck
+
+pytest.importorskip("triton.backends.nvidia", reason="Triton without its CUDA backend")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = [80, 90]
+FIRST = ck.cases(ck.OPS, ck.DTYPES, [16, 64, 80, 128, 256], [768, 12288])
+ALL = ck.cases(["flash_attention"], ["bfloat16", "float32"], [128, 256], [])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("check-kernels-cache")
+
+
+@pytest.fixture(scope="module")
+def first_rows(cache) -> list[dict]:
+    return ck.check(FIRST, ARCHS, all_configs=False, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def all_rows(cache, first_rows) -> list[dict]:
+    return ck.check(ALL, ARCHS, all_configs=True, cache_dir=cache)
+
+
+def jit_kernels() -> set[str]:
+    """Names of the ``@triton.jit`` kernels in kernels/*.py (helpers are not kernels)."""
+    found = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        found |= set(re.findall(r"@triton\.jit\ndef (\w+_kernel)\(", path.read_text()))
+    return found
+
+
+def test_every_kernel_compiles(first_rows):
+    assert {r["kernel"] for r in first_rows} == jit_kernels()
+    assert not ck.compile_errors(first_rows), "\n".join(ck.compile_errors(first_rows))
+    shapes = {(r["kernel"], r["dtype"], r["size"], r["arch"]) for r in first_rows}
+    assert len(shapes) == len(first_rows), "one row per kernel, shape and arch"
+
+
+def test_every_launch_shape_has_a_fitting_config(first_rows, all_rows):
+    unfit = ck.unfit_shapes(first_rows + all_rows)
+    assert not unfit, "\n".join(unfit)
+
+
+def test_first_configs_fit_shared_memory(first_rows, all_rows):
+    unfit = ck.unfit_defaults(first_rows + all_rows)
+    assert not unfit, "\n".join(unfit)
+
+
+def test_first_configs_fit_sm86_and_sm89(first_rows):
+    """sm_86/89 (RTX 30xx/40xx, A10, L4, L40) allow 101,376 B per block. Triton compiles
+    them through the same Ampere path as sm_80, with the same shared memory (measured
+    alike for every config), so the sm_80 compiles stand in for them."""
+    over = [f"{r['kernel']} {r['dtype']} {r['size']}: first config {r['config']} needs "
+            f"{r['smem']:,} B" for r in first_rows
+            if r["arch"] == 80 and r["default"] and r["smem"] > ck.SMEM_LIMIT[86]]
+    assert not over, "\n".join(over)
+
+
+def test_first_configs_do_not_spill_on_sm90_half(first_rows):
+    spills = ck.spilling_defaults(first_rows)
+    assert not spills, "\n".join(spills)
+
+
+def test_every_autotune_config_is_compiled(all_rows):
+    """Each autotuned kernel gets a row per config and arch, the first one marked."""
+    assert not ck.compile_errors(all_rows), "\n".join(ck.compile_errors(all_rows))
+    by_shape: dict[tuple, list[dict]] = {}
+    for row in all_rows:
+        by_shape.setdefault((row["kernel"], row["dtype"], row["size"], row["arch"]),
+                            []).append(row)
+    for shape, rows in by_shape.items():
+        assert [r["default"] for r in rows] == [True] + [False] * (len(rows) - 1), shape
+        assert len({r["config"] for r in rows}) == len(rows), shape
+        if shape[0] != "_attn_bwd_delta_kernel":
+            assert len(rows) > 1, f"{shape}: only one config compiled"
+
+
+def test_first_configs_use_wgmma_on_sm90_in_16_bit(first_rows):
+    """The attention dots of the 16-bit first configs run as wgmma on sm_90 (64 rows
+    per warpgroup) and mma.sync on sm_80; fp32 runs true-fp32 (ieee) dots, on FMA units.
+    dK/dV at D = 256 keeps 32-row tiles on purpose: with 64 it spills (see the tile
+    tables in kernels/flash_attention.py)."""
+    matmul_rows = [r for r in first_rows if r["op"] == "flash_attention"
+                   and r["kernel"] != "_attn_bwd_delta_kernel"]
+    for r in matmul_rows:
+        if r["dtype"] == "float32":
+            expected = "none"
+        elif r["arch"] == 90 and (r["kernel"], r["size"]) != ("_attn_bwd_dkdv_kernel",
+                                                               "D=256"):
+            expected = "wgmma"
+        else:
+            expected = "mma.sync"
+        assert r["mma"] == expected, r
+
+
+def test_results_are_cached(cache, first_rows):
+    again = ck.check(FIRST, ARCHS, all_configs=False, cache_dir=cache)
+    assert all(r["cached"] for r in again)
+
+    def measured(rows):
+        return [{k: v for k, v in r.items() if k not in ("cached", "seconds")} for r in rows]
+    assert measured(again) == measured(first_rows)
+
+
+def row(**changes) -> dict:
+    base = {"kernel": "_k", "dtype": "bfloat16", "size": "D=128", "causal": True,
+            "config": "M64 N64 w4 s2", "default": True, "arch": 90, "smem": 1000,
+            "smem_limit": 2000, "fits": True, "regs": 128, "spill": 0}
+    return {**base, **changes}
+
+
+def test_problems_name_each_failing_rule():
+    """The rules themselves, on made-up rows: what fails and what does not."""
+    assert ck.problems([row(), row(default=False, smem=3000, fits=False)]) == []
+    assert ck.unfit_defaults([row(smem=3000, fits=False)]) == [
+        "_k bfloat16 D=128 on sm_90: first config M64 N64 w4 s2 needs 3,000 B of shared "
+        "memory, sm_90 allows 2,000"]
+    assert ck.unfit_shapes([row(fits=False), row(default=False, fits=False)]) == [
+        "_k bfloat16 D=128 on sm_90: no config fits shared memory"]
+    assert ck.spilling_defaults([row(spill=16)]) == [
+        "_k bfloat16 D=128 on sm_90: first config M64 N64 w4 s2 spills 16 B per thread"]
+    # Spills are reported only for the sm_90 16-bit first configs.
+    assert ck.spilling_defaults([row(spill=16, arch=80), row(spill=16, dtype="float32"),
+                                 row(spill=16, default=False)]) == []
+
+
+def test_cli_prints_table_and_json(first_rows, cache, capsys):
+    args = ["check-kernels", "--op", "gelu", "--dtype", "float32", "--width", "768",
+            "--arch", "90", "--cache-dir", str(cache)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:6] == ["kernel", "dtype", "size", "config", "arch",
+                                               "smem"]
+    assert "_bias_gelu_fwd_kernel" in out and "no problems" in out
+    assert "2 kernel x config x arch: 0 compiled, 2 from the cache" in out
+    assert cli.main([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["kernel"] for r in doc["rows"]] == ["_bias_gelu_fwd_kernel",
+                                                  "_bias_gelu_bwd_kernel"]
+    assert doc["problems"] == [] and all(r["cached"] for r in doc["rows"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "70"], "expected a comma-separated list of 80, 86, 89, 90, got '70'"),
+    (["--op", "softmax"], "expected a comma-separated list of flash_attention"),
+    (["--head-dim", "20"], r"a head dim must be a multiple of 8 from 16 to 256, got \[20\]"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["check-kernels", *argv])
+    assert re.search(message, capsys.readouterr().err)
