@@ -1,4 +1,5 @@
 """Small helpers shared by the kernel launchers."""
+import torch
 import triton
 from torch.library import wrap_triton
 
@@ -17,3 +18,37 @@ def launch(kernel):
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation. Each launcher file binds it as ``_empty`` and allocates through
+    that name only, so tests can poison its outputs with NaN by patching it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Elements per program of a row-wise kernel: several narrow rows per program amortise
+# the launch (the interpreter's cost is per program, so it gets bigger tiles).
+ROW_TILE = 16384 if INTERPRET else 4096
+
+
+def row_config(M: int, N: int, max_block_n: int, max_warps: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a row-wise kernel on (M, N): BLOCK_N covers the
+    row up to ``max_block_n`` columns, BLOCK_M rows fill ``ROW_TILE`` elements."""
+    block_n = min(next_pow2(N), max_block_n)
+    block_m = max(1, min(ROW_TILE // block_n, next_pow2(max(M, 1))))
+    num_warps = min(max_warps, max(1, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def program_slots(device: torch.device) -> int:
+    """How many persistent programs fill ``device`` about twice over: 2 per SM on CUDA;
+    4 under the interpreter, which runs programs one after another."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]

@@ -75,6 +75,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, launch, next_pow2
+from ._utils import empty as _empty
 
 LOG2E = math.log2(math.e)
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -587,11 +588,6 @@ _TILES = _INTERPRET_TILES if INTERPRET else {}
 
 
 # ------------------------------------------------------------------------ launchers
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation, in one place so that tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

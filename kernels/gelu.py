@@ -37,11 +37,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import INTERPRET, launch, next_pow2
+from ._utils import empty as _empty
+from ._utils import launch, program_slots, row_config
 
 _MAX_BLOCK_N = 1024
-_TILE = 16384 if INTERPRET else 4096
-"""Elements per program; the interpreter's cost is per program, so it gets bigger tiles."""
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # 1/√2
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
@@ -49,33 +48,15 @@ _SQRT_2_PI = tl.constexpr(0.7978845608028654)     # √(2/π)
 _C = tl.constexpr(0.044715)
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every launcher allocates through here, so tests can poison outputs with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _config(M: int, N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for an (M, N) problem."""
-    block_n = min(next_pow2(N), _MAX_BLOCK_N)
-    block_m = max(1, min(_TILE // block_n, next_pow2(max(M, 1))))
-    num_warps = min(8, max(1, block_m * block_n // 512))
-    return block_m, block_n, num_warps
-
-
-_SM_COUNT: dict[int, int] = {}
+    return row_config(M, N, _MAX_BLOCK_N, max_warps=8)
 
 
 def _row_programs_bwd(device: torch.device, row_blocks: int, col_blocks: int) -> int:
     """Programs along the rows in the backward with bias: enough to fill the GPU about
     twice over, each looping over its row blocks. Fixed per shape: deterministic."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        slots = 2 * _SM_COUNT[idx]
-    else:
-        slots = 4  # the interpreter runs programs one after another
-    return max(1, min(row_blocks, triton.cdiv(slots, col_blocks)))
+    return max(1, min(row_blocks, triton.cdiv(program_slots(device), col_blocks)))
 
 
 @triton.jit

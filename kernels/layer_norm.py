@@ -48,43 +48,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import INTERPRET, launch, next_pow2
+from ._utils import empty as _empty
+from ._utils import launch, program_slots, row_config
 
 MAX_BLOCK_N = 8192
 """Widest row kept whole in registers; wider rows loop over chunks of this width."""
 
-_TILE = 16384 if INTERPRET else 4096
-"""Elements per program for narrow rows: several rows per program amortise the launch
-(the interpreter's cost is per program, so it gets bigger tiles)."""
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every launcher allocates through here, so tests can poison outputs with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _config(M: int, N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for an (M, N) problem."""
-    block_n = min(next_pow2(N), MAX_BLOCK_N)
-    block_m = max(1, min(_TILE // block_n, next_pow2(max(M, 1))))
-    num_warps = min(16, max(1, block_m * block_n // 512))
-    return block_m, block_n, num_warps
-
-
-_SM_COUNT: dict[int, int] = {}
+    return row_config(M, N, MAX_BLOCK_N, max_warps=16)
 
 
 def _num_programs_bwd(device: torch.device, row_blocks: int) -> int:
     """Programs of the backward: about two per SM (each loops over its rows), and never
     more than there are row blocks. Fixed for a shape and device, hence deterministic."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        slots = 2 * _SM_COUNT[idx]
-    else:
-        slots = 4  # the interpreter runs programs one after another
-    return max(1, min(row_blocks, slots))
+    return max(1, min(row_blocks, program_slots(device)))
 
 
 # ----------------------------------------------------------------------------- forward
