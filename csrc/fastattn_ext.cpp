@@ -20,8 +20,8 @@
 //                                !has_bias)
 //     The column sums are deterministic: fixed blocks of rows, reduced in a fixed order.
 //
-//   bias_gelu_fwd(x, bias?, approximate) -> y = gelu(x + bias)
-//   bias_gelu_bwd(dy, x, bias?, approximate) -> (dx, dbias)
+//   gelu_fwd(x, bias?, approximate) -> y = gelu(x + bias)
+//   gelu_bwd(dy, x, bias?, approximate) -> (dx, dbias)
 //     approximate "none": gelu(u) = u·Φ(u),  gelu'(u) = Φ(u) + u·φ(u)
 //     approximate "tanh": gelu(u) = u/2·(1 + tanh(z)), z = √(2/π)(u + 0.044715u³),
 //       gelu'(u) = (1 + tanh z)/2 + u/2·(1 - tanh²z)·√(2/π)(1 + 3·0.044715u²)
@@ -31,8 +31,8 @@
 //   cpu_threads() -> int: how many threads at::parallel_for runs on when called from this
 //     library (1 if it was compiled without the threading runtime torch uses).
 //
-// The math of each kernel family sits next to its code: layer_norm_cpu.cpp, bias_gelu_cpu.cpp
-// (CPU), cuda/layer_norm.cu, cuda/bias_gelu.cu (CUDA).
+// The math of each kernel family sits next to its code: layer_norm_cpu.cpp, gelu_cpu.cpp
+// (CPU), cuda/layer_norm.cu, cuda/gelu.cu (CUDA).
 #include "fastattn_ext.h"
 
 #include "cpu_vec.h"
@@ -148,7 +148,7 @@ void check_layer_norm_bwd(const Tensor& dy, const Tensor& h, const OptTensor& we
   if (dresidual_out) check_like(op, "dresidual_out", *dresidual_out, "h", h);
 }
 
-bool check_bias_gelu(const char* op, const Tensor* dy, const Tensor& x, const OptTensor& bias,
+bool check_gelu(const char* op, const Tensor* dy, const Tensor& x, const OptTensor& bias,
                      c10::string_view approximate) {
   check_matrix(op, "x", x);
   if (dy) check_like(op, "dy", *dy, "x", x);
@@ -228,8 +228,8 @@ TORCH_LIBRARY(fastattn_ext, m) {
         "bool rms_norm) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
         "Tensor? dresidual_out, bool has_bias, bool rms_norm) -> (Tensor, Tensor, Tensor)");
-  m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
-  m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
+  m.def("gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("gelu_bwd(Tensor dy, Tensor x, Tensor? bias, str approximate) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa_op);
   m.def("cpu_threads() -> int", &cpu_threads_op);
 }
@@ -237,16 +237,16 @@ TORCH_LIBRARY(fastattn_ext, m) {
 TORCH_LIBRARY_IMPL(fastattn_ext, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
-  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
-  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
+  m.impl("gelu_fwd", &gelu_fwd_cpu);
+  m.impl("gelu_bwd", &gelu_bwd_cpu);
 }
 
 #if defined(FASTATTN_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastattn_ext, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
-  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cuda);
-  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cuda);
+  m.impl("gelu_fwd", &gelu_fwd_cuda);
+  m.impl("gelu_bwd", &gelu_bwd_cuda);
 }
 #endif
 

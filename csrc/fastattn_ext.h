@@ -21,7 +21,7 @@ void check_layer_norm_bwd(const Tensor& dy, const Tensor& h, const OptTensor& we
                           const Tensor& mean, const Tensor& rstd,
                           const OptTensor& dresidual_out, bool rms_norm);
 // `dy` is null for the forward. Returns true for approximate="tanh", false for "none".
-bool check_bias_gelu(const char* op, const Tensor* dy, const Tensor& x, const OptTensor& bias,
+bool check_gelu(const char* op, const Tensor* dy, const Tensor& x, const OptTensor& bias,
                      c10::string_view approximate);
 
 // ---- output allocation shared by both devices
@@ -40,15 +40,15 @@ void dispatch_float_types(at::ScalarType t, F&& f) {
   }
 }
 
-// ---- CPU implementations (layer_norm_cpu.cpp, bias_gelu_cpu.cpp)
+// ---- CPU implementations (layer_norm_cpu.cpp, gelu_cpu.cpp)
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_cpu(
     const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
     double eps, bool rms_norm);
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(
     const Tensor& dy, const Tensor& h, const OptTensor& weight, const Tensor& mean,
     const Tensor& rstd, const OptTensor& dresidual_out, bool has_bias, bool rms_norm);
-Tensor bias_gelu_fwd_cpu(const Tensor& x, const OptTensor& bias, c10::string_view approximate);
-std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(const Tensor& dy, const Tensor& x,
+Tensor gelu_fwd_cpu(const Tensor& x, const OptTensor& bias, c10::string_view approximate);
+std::tuple<Tensor, Tensor> gelu_bwd_cpu(const Tensor& dy, const Tensor& x,
                                              const OptTensor& bias, c10::string_view approximate);
 
 // Helpers of the CPU column sums (layer_norm_cpu.cpp), shared by both CPU kernel families.
@@ -68,8 +68,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_cuda(
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(
     const Tensor& dy, const Tensor& h, const OptTensor& weight, const Tensor& mean,
     const Tensor& rstd, const OptTensor& dresidual_out, bool has_bias, bool rms_norm);
-Tensor bias_gelu_fwd_cuda(const Tensor& x, const OptTensor& bias, c10::string_view approximate);
-std::tuple<Tensor, Tensor> bias_gelu_bwd_cuda(const Tensor& dy, const Tensor& x,
+Tensor gelu_fwd_cuda(const Tensor& x, const OptTensor& bias, c10::string_view approximate);
+std::tuple<Tensor, Tensor> gelu_bwd_cuda(const Tensor& dy, const Tensor& x,
                                               const OptTensor& bias, c10::string_view approximate);
 #endif
 

@@ -184,7 +184,7 @@ Tensor float_param(const OptTensor& p, int64_t n, float fill, const Tensor& like
 // Column sums of `blocks` float32 rows of length n spaced `stride` apart, written to
 // out (n,) in its dtype. Blocks are added in order in groups of 16, then the group sums
 // in order: a fixed order (deterministic) whose rounding error grows with
-// blocks/16 + 16 rather than with the block count. Shared with bias_gelu_cpu.cpp.
+// blocks/16 + 16 rather than with the block count. Shared with gelu_cpu.cpp.
 void sum_blocks_into(const float* part, int64_t blocks, int64_t stride, int64_t n, Tensor& out) {
   constexpr int64_t kGroup = 16;
   dispatch_float_types(out.scalar_type(), [&](auto tag) {

@@ -103,7 +103,7 @@ def _load_z(X, B, stride_xm, rows64, cols, col_mask, mask, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def _bias_gelu_fwd_kernel(
+def _gelu_fwd_kernel(
     X,  # (M, N) input; row stride stride_xm, unit column stride
     B,  # (N,) bias (only read when HAS_BIAS)
     Y,  # (M, N) output, X's dtype
@@ -127,7 +127,7 @@ def _bias_gelu_fwd_kernel(
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(
+def _gelu_bwd_kernel(
     DY,       # (M, N) gradient of y
     X,        # (M, N) the forward's input
     B,        # (N,) bias (only read when HAS_BIAS)
@@ -161,7 +161,7 @@ def _bias_gelu_bwd_kernel(
         tl.store(DB_PART + row_prog.to(tl.int64) * N + cols, db, mask=col_mask)
 
 
-def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+def gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     """``gelu(x + bias)``; x (M, N) with unit column stride, bias (N,) or None,
     approximate ``"none"`` or ``"tanh"``. Returns y (M, N) contiguous in x's dtype."""
     M, N = x.shape
@@ -169,16 +169,16 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor
     if M > 0 and N > 0:
         block_m, block_n, num_warps = _config(M, N)
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        launch(_bias_gelu_fwd_kernel)[(tiles,)](
+        launch(_gelu_fwd_kernel)[(tiles,)](
             x, x if bias is None else bias, y, x.stride(0), y.stride(0), M, N,
             HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y
 
 
-def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str
+def gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str
                   ) -> tuple[Tensor, Optional[Tensor]]:
-    """Gradients of ``bias_gelu_fwd``: ``dx`` (M, N) in x's dtype and ``dbias`` (N,) in
+    """Gradients of ``gelu_fwd``: ``dx`` (M, N) in x's dtype and ``dbias`` (N,) in
     bias's dtype (None without bias). dy, x: (M, N) with unit column stride."""
     M, N = x.shape
     dx = _empty((M, N), x.dtype, x.device)
@@ -190,7 +190,7 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: st
     row_progs = (_row_programs_bwd(x.device, row_blocks, col_blocks) if bias is not None
                  else row_blocks)
     db_part = _empty((row_progs, N), torch.float32, x.device) if bias is not None else None
-    launch(_bias_gelu_bwd_kernel)[(row_progs * col_blocks,)](
+    launch(_gelu_bwd_kernel)[(row_progs * col_blocks,)](
         dy, x, x if bias is None else bias, dx, dx if db_part is None else db_part,
         dy.stride(0), x.stride(0), dx.stride(0), M, N,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",

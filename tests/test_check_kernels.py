@@ -162,12 +162,12 @@ def test_cli_prints_table_and_json(first_rows, cache, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:6] == ["kernel", "dtype", "size", "config", "arch",
                                                "smem"]
-    assert "_bias_gelu_fwd_kernel" in out and "no problems" in out
+    assert "_gelu_fwd_kernel" in out and "no problems" in out
     assert "2 kernel x config x arch: 0 compiled, 2 from the cache" in out
     assert cli.main([*args, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [r["kernel"] for r in doc["rows"]] == ["_bias_gelu_fwd_kernel",
-                                                  "_bias_gelu_bwd_kernel"]
+    assert [r["kernel"] for r in doc["rows"]] == ["_gelu_fwd_kernel",
+                                                  "_gelu_bwd_kernel"]
     assert doc["problems"] == [] and all(r["cached"] for r in doc["rows"])
 
 

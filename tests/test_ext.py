@@ -187,11 +187,11 @@ def _gelu_inputs(n, dtype, device, has_bias, fp32_bias=False, m=ROWS, seed=0):
     return x, b, dy
 
 
-def _run_bias_gelu(ops, n, dtype, approximate, has_bias, fp32_bias=False, device="cpu",
+def _run_gelu(ops, n, dtype, approximate, has_bias, fp32_bias=False, device="cpu",
                    m=ROWS):
     x, b, dy = _gelu_inputs(n, dtype, device, has_bias, fp32_bias, m)
-    y = ops.bias_gelu_fwd(x, b, approximate)
-    dx, db = ops.bias_gelu_bwd(dy, x, b, approximate)
+    y = ops.gelu_fwd(x, b, approximate)
+    dx, db = ops.gelu_bwd(dy, x, b, approximate)
 
     xl, bl = _leaf(x, torch.float64), _leaf(b, torch.float64)
     ref = reference.gelu(xl, approximate, bl)
@@ -222,19 +222,19 @@ def test_layer_norm(ops, mode, n, dtype):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "nobias"])
 def test_bias_gelu(ops, has_bias, approximate, n, dtype):
-    _run_bias_gelu(ops, n, dtype, approximate, has_bias)
+    _run_gelu(ops, n, dtype, approximate, has_bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_bias_gelu_fp32_bias(ops, dtype):
-    _run_bias_gelu(ops, 1000, dtype, "none", True, fp32_bias=True)
+    _run_gelu(ops, 1000, dtype, "none", True, fp32_bias=True)
 
 
 @pytest.mark.parametrize("m", [1, 2049])
 def test_row_counts(ops, m):
     """One row, and many rows (several row blocks and parallel chunks)."""
     _run_layer_norm(ops, "affine_residual", 768, torch.bfloat16, m=m)
-    _run_bias_gelu(ops, 768, torch.bfloat16, "tanh", True, m=m)
+    _run_gelu(ops, 768, torch.bfloat16, "tanh", True, m=m)
 
 
 def test_large_output_streaming(ops):
@@ -242,7 +242,7 @@ def test_large_output_streaming(ops):
     not all 64-byte aligned, so aligned and unaligned rows mix."""
     for n in (1024, 1000):
         _run_layer_norm(ops, "affine_residual", n, torch.float32, m=2100)
-        _run_bias_gelu(ops, n, torch.float32, "none", True, m=2100)
+        _run_gelu(ops, n, torch.float32, "none", True, m=2100)
 
 
 def test_layer_norm_large_mean(ops):
@@ -263,8 +263,8 @@ def test_empty_rows(ops):
     dx, dw, db = ops.layer_norm_bwd(x, x, torch.ones(8), mean, rstd, None, True, False)
     assert dx.shape == (0, 8)
     assert torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
-    assert ops.bias_gelu_fwd(x, torch.ones(8), "none").shape == (0, 8)
-    dx, db = ops.bias_gelu_bwd(x, x, torch.ones(8), "none")
+    assert ops.gelu_fwd(x, torch.ones(8), "none").shape == (0, 8)
+    dx, db = ops.gelu_bwd(x, x, torch.ones(8), "none")
     assert dx.shape == (0, 8) and torch.equal(db, torch.zeros(8))
 
 
@@ -291,7 +291,7 @@ def test_backward_deterministic(ops, dtype):
 
     def run():
         return (*ops.layer_norm_bwd(dy, h, w, mean, rstd, dres, True, False),
-                *ops.bias_gelu_bwd(gdy, gx, gb, "none"))
+                *ops.gelu_bwd(gdy, gx, gb, "none"))
 
     first = run()
     for again in (run(), _with_threads(1, run)):
@@ -314,7 +314,7 @@ for dtype in test_ext.DTYPES:
         for mode in ("affine_residual", "rms"):
             test_ext._run_layer_norm(ops, mode, n, dtype)
         for approximate in ("none", "tanh"):
-            test_ext._run_bias_gelu(ops, n, dtype, approximate, True)
+            test_ext._run_gelu(ops, n, dtype, approximate, True)
 """
 
 
@@ -412,16 +412,16 @@ _BAD_CALLS = {
                        r"rstd must have shape \(4,\) \(one per row of h\), got \[5\]"),
     "lnb_dres_dtype": (_bwd(dresidual_out=_X.bfloat16()),
                        r"dresidual_out must have the dtype of h \(Float\), got BFloat16"),
-    "gelu_approximate": (lambda o: o.bias_gelu_fwd(_X, None, "erf"),
-                         r"bias_gelu_fwd: approximate must be 'none' or 'tanh', got 'erf'"),
-    "gelu_bias_shape": (lambda o: o.bias_gelu_fwd(_X, torch.ones(4), "none"),
-                        r"bias_gelu_fwd: bias must have shape \(8,\)"),
-    "gelu_x_1d": (lambda o: o.bias_gelu_fwd(torch.randn(8), None, "none"),
-                  r"bias_gelu_fwd: x must be 2-D \(M, N\), got shape \[8\]"),
-    "gelub_dy_dtype": (lambda o: o.bias_gelu_bwd(_X.half(), _X, None, "none"),
-                       r"bias_gelu_bwd: dy must have the dtype of x \(Float\), got Half"),
-    "gelub_approximate": (lambda o: o.bias_gelu_bwd(_X, _X, None, "Tanh"),
-                          r"bias_gelu_bwd: approximate must be 'none' or 'tanh', got 'Tanh'"),
+    "gelu_approximate": (lambda o: o.gelu_fwd(_X, None, "erf"),
+                         r"gelu_fwd: approximate must be 'none' or 'tanh', got 'erf'"),
+    "gelu_bias_shape": (lambda o: o.gelu_fwd(_X, torch.ones(4), "none"),
+                        r"gelu_fwd: bias must have shape \(8,\)"),
+    "gelu_x_1d": (lambda o: o.gelu_fwd(torch.randn(8), None, "none"),
+                  r"gelu_fwd: x must be 2-D \(M, N\), got shape \[8\]"),
+    "gelub_dy_dtype": (lambda o: o.gelu_bwd(_X.half(), _X, None, "none"),
+                       r"gelu_bwd: dy must have the dtype of x \(Float\), got Half"),
+    "gelub_approximate": (lambda o: o.gelu_bwd(_X, _X, None, "Tanh"),
+                          r"gelu_bwd: approximate must be 'none' or 'tanh', got 'Tanh'"),
 }
 
 
@@ -451,7 +451,7 @@ def test_cuda_ops(ops, n, dtype):
         _run_layer_norm(ops, mode, n, dtype, device="cuda")
     for approximate in ("none", "tanh"):
         for has_bias in (True, False):
-            _run_bias_gelu(ops, n, dtype, approximate, has_bias, device="cuda")
+            _run_gelu(ops, n, dtype, approximate, has_bias, device="cuda")
 
 
 @pytest.mark.cuda

@@ -237,8 +237,8 @@ def test_opcheck(backend, approximate):
     g = torch.Generator().manual_seed(5)
     x, dy = [torch.randn(6, 40, generator=g).to(DEVICE) for _ in range(2)]
     b = torch.randn(40, generator=g).to(DEVICE)
-    fwd = torch.ops.fastattn.bias_gelu_fwd.default
-    bwd = torch.ops.fastattn.bias_gelu_bwd.default
+    fwd = torch.ops.fastattn.gelu_fwd.default
+    bwd = torch.ops.fastattn.gelu_bwd.default
     torch.library.opcheck(fwd, (x.clone().requires_grad_(), b.clone().requires_grad_(),
                                 approximate, backend))
     torch.library.opcheck(fwd, (x.clone().requires_grad_(), None, approximate, backend))

@@ -1,4 +1,4 @@
-"""``fastattn::bias_gelu_fwd`` / ``_bwd``: GELU with an optional fused bias, and its API.
+"""``fastattn::gelu_fwd`` / ``_bwd``: GELU with an optional fused bias, and its API.
 
 ``gelu(input, approximate)`` has ``F.gelu``'s signature; ``bias_gelu(input, bias,
 approximate)`` is ``gelu(input + bias)`` in one pass (the MLP's ``Linear`` bias fused into
@@ -8,9 +8,9 @@ forward op, whose registered autograd formula calls the backward op.
 
 Op semantics (the same for every backend, and for ``torch.ops.fastattn_ext``):
 
-* ``bias_gelu_fwd(x, bias?, approximate, backend) -> y``: x (M, N), bias (N,);
+* ``gelu_fwd(x, bias?, approximate, backend) -> y``: x (M, N), bias (N,);
   ``y = gelu(x + bias)`` in x's dtype, ``approximate`` ``"none"`` (erf) or ``"tanh"``.
-* ``bias_gelu_bwd(dy, x, bias?, approximate, backend) -> (dx, dbias)``:
+* ``gelu_bwd(dy, x, bias?, approximate, backend) -> (dx, dbias)``:
   ``dx = dy · gelu'(x + bias)`` in x's dtype; ``dbias = Σ_rows dx`` (N,) in bias's dtype,
   an empty (0,) tensor without bias.
 
@@ -46,12 +46,12 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-@kernel_op("fastattn::bias_gelu_fwd")
+@kernel_op("fastattn::gelu_fwd")
 def _fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     if backend == "triton":
-        return _triton_kernels().bias_gelu_fwd(x, bias, approximate)
+        return _triton_kernels().gelu_fwd(x, bias, approximate)
     if backend == "ext":
-        return torch.ops.fastattn_ext.bias_gelu_fwd(x.contiguous(), _contig(bias), approximate)
+        return torch.ops.fastattn_ext.gelu_fwd(x.contiguous(), _contig(bias), approximate)
     z = x if bias is None else x + bias
     return F.gelu(z, approximate=approximate).to(x.dtype)
 
@@ -61,14 +61,14 @@ def _(x, bias, approximate, backend):
     return x.new_empty(x.shape)
 
 
-@kernel_op("fastattn::bias_gelu_bwd")
+@kernel_op("fastattn::gelu_bwd")
 def _bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
          backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
-        dx, db = _triton_kernels().bias_gelu_bwd(dy, x, bias, approximate)
+        dx, db = _triton_kernels().gelu_bwd(dy, x, bias, approximate)
         return dx, (x.new_empty(0) if db is None else db)
     if backend == "ext":
-        return torch.ops.fastattn_ext.bias_gelu_bwd(dy.contiguous(), x.contiguous(),
+        return torch.ops.fastattn_ext.gelu_bwd(dy.contiguous(), x.contiguous(),
                                                     _contig(bias), approximate)
     z = x if bias is None else x + bias
     dz = torch.ops.aten.gelu_backward(dy.to(z.dtype), z, approximate=approximate)
@@ -180,7 +180,7 @@ def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int):
 registry.register(registry.OpSpec(
     name=OP, family=OP, summary="gelu(x + b) over (M, N), the bias add fused",
     backends=BACKENDS, dtypes=DTYPES,
-    custom_ops=("fastattn::bias_gelu_fwd", "fastattn::bias_gelu_bwd"),
+    custom_ops=("fastattn::gelu_fwd", "fastattn::gelu_bwd"),
     x="N", sizes=registry.ROWWISE_SIZES, shape=registry.rowwise_shape,
     model_shape=_model_shape, inputs=_inputs,
     fast=lambda x, b, approximate: bias_gelu(x, b, approximate),

@@ -303,8 +303,8 @@ def _run_gelu(case: Case) -> None:
 
     x = torch.empty(_ROWS, case.size, dtype=getattr(torch, case.dtype))
     b = torch.empty(case.size, dtype=x.dtype)
-    gelu.bias_gelu_fwd(x, b, "none")
-    gelu.bias_gelu_bwd(torch.empty_like(x), x, b, "none")
+    gelu.gelu_fwd(x, b, "none")
+    gelu.gelu_bwd(torch.empty_like(x), x, b, "none")
 
 
 _RUNNERS = {"flash_attention": _run_flash_attention, "layer_norm": _run_layer_norm,

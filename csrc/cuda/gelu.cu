@@ -1,5 +1,5 @@
 // Fused bias + GELU on CUDA: y = gelu(x + bias), and its backward. The same math as
-// bias_gelu_cpu.cpp:
+// gelu_cpu.cpp:
 //
 //   exact ("none"): gelu(u) = u·Φ(u),  gelu'(u) = Φ(u) + u·φ(u),  φ(u) = exp(-u²/2)/√(2π)
 //                   (Φ is CUDA's normcdff, accurate in both tails)
@@ -56,7 +56,7 @@ __device__ __forceinline__ float gelu_grad(float u, bool tanh) {
 // y = dy·gelu'(x + bias). With VEC > 1, N is a multiple of VEC, so a pack never straddles
 // two rows.
 template <class T, class B, int VEC>
-__global__ void __launch_bounds__(256) bias_gelu_elementwise_kernel(
+__global__ void __launch_bounds__(256) gelu_elementwise_kernel(
     const T* __restrict__ x, const B* __restrict__ bias, const T* __restrict__ dy,
     T* __restrict__ out, int64_t total, int64_t n, bool tanh) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
@@ -88,10 +88,10 @@ void launch_elementwise(const T* x, const B* bias, const T* dy, T* out, int64_t 
   const int64_t packs = vec ? total / kV : total;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((packs + 255) / 256, 65536));
   if (vec)
-    bias_gelu_elementwise_kernel<T, B, kV><<<blocks, 256, 0, stream>>>(x, bias, dy, out, total,
+    gelu_elementwise_kernel<T, B, kV><<<blocks, 256, 0, stream>>>(x, bias, dy, out, total,
                                                                       n, tanh);
   else
-    bias_gelu_elementwise_kernel<T, B, 1><<<blocks, 256, 0, stream>>>(x, bias, dy, out, total,
+    gelu_elementwise_kernel<T, B, 1><<<blocks, 256, 0, stream>>>(x, bias, dy, out, total,
                                                                      n, tanh);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -99,7 +99,7 @@ void launch_elementwise(const T* x, const B* bias, const T* dy, T* out, int64_t 
 // Backward with a bias, per (32-column tile, row chunk): dx, and part[chunk][col] = Σ dx
 // over the chunk's rows.
 template <class T, class B>
-__global__ void __launch_bounds__(kColTile * kRowLanes) bias_gelu_bwd_tile_kernel(
+__global__ void __launch_bounds__(kColTile * kRowLanes) gelu_bwd_tile_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const B* __restrict__ bias,
     T* __restrict__ dx, int64_t m, int64_t n, int64_t rows_per_chunk, bool tanh,
     float* __restrict__ part) {
@@ -137,10 +137,10 @@ void dispatch_bias_type(const OptTensor& bias, F&& f) {
 }  // namespace
 }  // namespace fastattn_ext::cuda
 
-at::Tensor fastattn_ext::bias_gelu_fwd_cuda(const Tensor& x, const OptTensor& bias,
+at::Tensor fastattn_ext::gelu_fwd_cuda(const Tensor& x, const OptTensor& bias,
                                             c10::string_view approximate) {
   using namespace fastattn_ext::cuda;
-  const bool tanh = check_bias_gelu("bias_gelu_fwd", nullptr, x, bias, approximate);
+  const bool tanh = check_gelu("gelu_fwd", nullptr, x, bias, approximate);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
@@ -156,10 +156,10 @@ at::Tensor fastattn_ext::bias_gelu_fwd_cuda(const Tensor& x, const OptTensor& bi
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> fastattn_ext::bias_gelu_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor> fastattn_ext::gelu_bwd_cuda(
     const Tensor& dy, const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
   using namespace fastattn_ext::cuda;
-  const bool tanh = check_bias_gelu("bias_gelu_bwd", &dy, x, bias, approximate);
+  const bool tanh = check_gelu("gelu_bwd", &dy, x, bias, approximate);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), n = x.size(1);
   Tensor dx = at::empty_like(x);
@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> fastattn_ext::bias_gelu_bwd_cuda(
       Tensor part = at::empty({rc.chunks, n}, x.options().dtype(at::kFloat));
       const dim3 grid(static_cast<unsigned>((n + kColTile - 1) / kColTile),
                       static_cast<unsigned>(rc.chunks));
-      bias_gelu_bwd_tile_kernel<T, B><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
+      gelu_bwd_tile_kernel<T, B><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
           data_as<T>(dy), data_as<T>(x), data_as<B>(*bias), data_as<T>(dx), m, n,
           rc.rows_per_chunk, tanh, part.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

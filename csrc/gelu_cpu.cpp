@@ -103,7 +103,7 @@ struct GeluArgs {
 };
 
 template <bool kTanh, class Isa, class T>
-void bias_gelu_fwd_rows(Isa isa, const GeluArgs<T>& a, int64_t begin, int64_t end) {
+void gelu_fwd_rows(Isa isa, const GeluArgs<T>& a, int64_t begin, int64_t end) {
   using V = vfloat<Isa>;
   constexpr bool kPrecise = !std::is_same<T, c10::BFloat16>::value;
   for (int64_t r = begin; r < end; ++r) {
@@ -120,7 +120,7 @@ void bias_gelu_fwd_rows(Isa isa, const GeluArgs<T>& a, int64_t begin, int64_t en
 
 // Rows [begin, end); adds Σ dx to db_sum (N,) unless it is null.
 template <bool kTanh, class Isa, class T>
-void bias_gelu_bwd_rows(Isa isa, const GeluArgs<T>& a, int64_t begin, int64_t end,
+void gelu_bwd_rows(Isa isa, const GeluArgs<T>& a, int64_t begin, int64_t end,
                         float* db_sum) {
   using V = vfloat<Isa>;
   constexpr bool kPrecise = !std::is_same<T, c10::BFloat16>::value;
@@ -155,10 +155,10 @@ Tensor float_bias(const OptTensor& bias, const Tensor& x) {
 }  // namespace cpu
 }  // namespace fastattn_ext
 
-at::Tensor fastattn_ext::bias_gelu_fwd_cpu(const Tensor& x, const OptTensor& bias,
+at::Tensor fastattn_ext::gelu_fwd_cpu(const Tensor& x, const OptTensor& bias,
                                            c10::string_view approximate) {
   using namespace fastattn_ext::cpu;
-  const bool tanh = check_bias_gelu("bias_gelu_fwd", nullptr, x, bias, approximate);
+  const bool tanh = check_gelu("gelu_fwd", nullptr, x, bias, approximate);
   const int64_t m = x.size(0), n = x.size(1);
   Tensor y = at::empty_like(x);
   if (y.numel() == 0) return y;
@@ -170,7 +170,7 @@ at::Tensor fastattn_ext::bias_gelu_fwd_cpu(const Tensor& x, const OptTensor& bia
     dispatch_tanh(tanh, [&](auto kind) {
       at::parallel_for(0, m, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
         dispatch_isa([&](auto isa) {
-          bias_gelu_fwd_rows<decltype(kind)::value>(isa, args, r0, r1);
+          gelu_fwd_rows<decltype(kind)::value>(isa, args, r0, r1);
         });
       });
     });
@@ -178,10 +178,10 @@ at::Tensor fastattn_ext::bias_gelu_fwd_cpu(const Tensor& x, const OptTensor& bia
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> fastattn_ext::bias_gelu_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> fastattn_ext::gelu_bwd_cpu(
     const Tensor& dy, const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
   using namespace fastattn_ext::cpu;
-  const bool tanh = check_bias_gelu("bias_gelu_bwd", &dy, x, bias, approximate);
+  const bool tanh = check_gelu("gelu_bwd", &dy, x, bias, approximate);
   const int64_t m = x.size(0), n = x.size(1);
   Tensor dx = at::empty_like(x);
   Tensor dbias = bias ? at::empty({n}, bias->options()) : at::empty({0}, x.options());
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> fastattn_ext::bias_gelu_bwd_cpu(
           if (db_sum) std::fill_n(db_sum, n, 0.f);
           const int64_t r0 = blk * block_rows, r1 = std::min(m, r0 + block_rows);
           dispatch_isa([&](auto isa) {
-            bias_gelu_bwd_rows<decltype(kind)::value>(isa, args, r0, r1, db_sum);
+            gelu_bwd_rows<decltype(kind)::value>(isa, args, r0, r1, db_sum);
           });
         }
       });
