@@ -68,7 +68,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "ext": ["ninja", "pybind11"],
     },
-    entry_points={"console_scripts": ["fastattn = fastattn.cli:main"]},
+    entry_points={"console_scripts": ["fastattn = fastattn.tools.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,4 +1,4 @@
 """``python -m fastattn ...``: the same command line as ``fastattn``."""
-from fastattn.cli import main
+from fastattn.tools.cli import main
 
 raise SystemExit(main())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from fastattn import cli
+from fastattn.tools import cli
 from fastattn.tools import check_kernels as ck
 
 pytest.importorskip("triton.backends.nvidia", reason="Triton without its CUDA backend")

@@ -2,7 +2,7 @@
 (``fastattn.tools.bench``), at tiny sizes.
 
 ``fastattn bench`` runs once per session (a subprocess, as a user runs it) and the tests
-read its table and saved files; the rest calls ``fastattn.cli.main`` in this process.
+read its table and saved files; the rest calls ``fastattn.tools.cli.main`` in this process.
 No timing is asserted: only that every number is there and well-formed.
 """
 import dataclasses
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastattn import cli
+from fastattn.tools import cli
 from fastattn.ops import registry
 from fastattn.tools import gpu_check
 from fastattn.tools.bench import report, sweep

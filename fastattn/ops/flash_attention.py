@@ -180,6 +180,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
 
 
+def _launch_kernels(head_dim: int, dtype: torch.dtype, causal: bool) -> None:
+    fa = _triton_kernels()
+    q = torch.empty(1, 2, 1024, head_dim, dtype=dtype)             # (B, H, T, D)
+    k, v, do = (torch.empty_like(q) for _ in range(3))
+    o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5)
+    fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5)
+
+
 registry.register(registry.OpSpec(
     name=OP, family=OP, summary="exact attention on (B, H, T, D), never the T×T matrix",
     backends=BACKENDS, dtypes=DTYPES,
@@ -192,4 +200,5 @@ registry.register(registry.OpSpec(
     reference=lambda q, k, v, causal: reference.attention(q, k, v, causal)[0],
     work=lambda shape, dtype, mode, causal: registry.attention_flops(
         shape["B"], shape["H"], shape["T"], shape["T"], shape["D"], causal, mode),
-    unit="flops", options={"causal": True}))
+    unit="flops", options={"causal": True}, launch_kernels=_launch_kernels, launch_dim="D",
+    launch_sizes=(16, 64, 80, 128, 256)))

@@ -177,6 +177,13 @@ def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int):
     return (x, b), registry.randn(rows, dtype, device, g)
 
 
+def _launch_kernels(width: int, dtype: torch.dtype, approximate: str) -> None:
+    kernels = _triton_kernels()
+    x, b = torch.empty(4096, width, dtype=dtype), torch.empty(width, dtype=dtype)
+    kernels.gelu_fwd(x, b, approximate)
+    kernels.gelu_bwd(torch.empty_like(x), x, b, approximate)
+
+
 registry.register(registry.OpSpec(
     name=OP, family=OP, summary="gelu(x + b) over (M, N), the bias add fused",
     backends=BACKENDS, dtypes=DTYPES,
@@ -188,5 +195,6 @@ registry.register(registry.OpSpec(
     builtin=("F.gelu(x+b)", lambda x, b, approximate: F.gelu(x + b, approximate=approximate)),
     reference=lambda x, b, approximate: reference.gelu(x, approximate, b),
     work=registry.rowwise_bytes(2, 3),                     # x → y; dy, x → dx
-    unit="bytes", options={"approximate": "none"}))
+    unit="bytes", options={"approximate": "none"}, launch_kernels=_launch_kernels,
+    launch_sizes=registry.ROWWISE_LAUNCH_SIZES))
 registry.replaces_function(OP, torch._C._nn.gelu, gelu)             # F.gelu is this builtin

@@ -55,6 +55,13 @@ class OpSpec:
     work: Callable[..., float]       # (shape, dtype, mode, **options) -> FLOPs or bytes
     unit: str = "flops"              # what ``work`` counts: "flops" or "bytes"
     options: Mapping[str, Any] = field(default_factory=dict)
+    # For ``fastattn check-kernels``: (size, dtype, **options) runs the Triton launchers,
+    # forward and backward, on empty CPU tensors of a typical shape whose size is
+    # ``launch_dim`` ("D": head dim, "N": width), for each of ``launch_sizes``. One entry
+    # per op family has it (the variants launch the same kernels).
+    launch_kernels: Callable[..., None] | None = None
+    launch_dim: str = "N"
+    launch_sizes: tuple[int, ...] = ()
 
 
 _REGISTRY: dict[str, OpSpec] = {}
@@ -158,3 +165,6 @@ def rowwise_bytes(fwd_tensors: int, bwd_tensors: int) -> Callable[..., float]:
 
 
 ROWWISE_SIZES = {"cuda": (768, 1024, 2048, 4096, 8192), "cpu": (768, 1024, 2048, 4096, 8192)}
+# Widths check-kernels compiles: GPT-2 small's; a whole row in registers; a row looped
+# over in chunks.
+ROWWISE_LAUNCH_SIZES = (768, 4096, 12288)

@@ -6,20 +6,17 @@
 
 How a kernel is compiled
 ------------------------
-Each op's launchers (``kernels/*.py``) run on small CPU tensors while ``launch`` is
-intercepted: every kernel launch is recorded as (kernel, arguments, keywords) instead
-of run. Each recording is then handed to the kernel's own ``warmup``, which binds and
+Each op's launchers run on empty CPU tensors while ``launch`` is intercepted: every
+kernel launch is recorded as (kernel, arguments, keywords) instead of run. The ops and
+their launch shapes come from the registry (``OpSpec.launch_kernels``: attention on
+(1, 2, 1024, D), causal unless ``--no-causal``; LayerNorm with weight, bias and the
+fused residual; bias + exact GELU; on (4096, N) rows; forward and backward). Each recording is then handed to the kernel's own ``warmup``, which binds and
 specialises the arguments exactly as a launch does (pointers and ints divisible by 16,
 ints equal to 1, constexprs) and compiles, ``triton.compile`` with a ``GPUTarget``, for
 the architecture that a stub driver reports (``_TargetDriver``). Nothing touches a
 device, so signatures, specialisations and compile options are those of a real launch
 of that shape. An autotuned kernel is compiled with each of its configs; the first is
 the one ``FASTATTN_AUTOTUNE=0`` launches (marked ``*``).
-
-The launch shapes: attention on (B=1, H=2, T=1024, D) contiguous q, k, v (MHA,
-self-attention, causal unless ``--no-causal``), forward and backward; LayerNorm with
-weight, bias and the fused residual add (the GPT's ``ln2``, the heaviest variant), and
-bias + exact GELU, on (4096, N) rows, forward and backward.
 
 What is reported, per kernel, dtype, size, config and architecture
 ------------------------------------------------------------------
@@ -61,19 +58,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from fastattn.tools.common import positive_int, positive_ints
+from fastattn.ops import registry
+from fastattn.tools.common import positive_int, positive_ints, render_table
 
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 """Bytes of shared memory one block may opt in to, per compute capability (CUDA C
 Programming Guide, "Technical Specifications per Compute Capability")."""
-OPS = ("flash_attention", "layer_norm", "gelu")
+# The ops to compile: every registry entry that can launch its kernels (one per family).
+OPS = tuple(spec.name for spec in registry.specs() if spec.launch_kernels is not None)
 DTYPES = ("float16", "bfloat16", "float32")
-HEAD_DIMS = (16, 64, 80, 128, 256)
-WIDTHS = (768, 4096, 12288)  # GPT-2 small; a whole row in registers; a looped row
+HEAD_DIMS = registry.get("flash_attention").launch_sizes
+WIDTHS = registry.ROWWISE_LAUNCH_SIZES
 NO_SPILL_ARCH, NO_SPILL_DTYPES = 90, ("float16", "bfloat16")
-
-_BATCH, _HEADS, _SEQ = 1, 2, 1024  # attention launch shape: (B, H, T, D)
-_ROWS = 4096                       # LayerNorm / GELU launch shape: (rows, width)
 
 
 @dataclass(frozen=True)
@@ -86,14 +82,25 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{'D' if self.op == 'flash_attention' else 'N'}={self.size}"
+        return f"{registry.get(self.op).launch_dim}={self.size}"
+
+    def launch(self) -> None:
+        """Run the op's launchers for this shape (``OpSpec.launch_kernels``)."""
+        import torch
+
+        spec = registry.get(self.op)
+        options = dict(spec.options)
+        if "causal" in options:
+            options["causal"] = self.causal
+        spec.launch_kernels(self.size, getattr(torch, self.dtype), **options)
 
 
 def cases(ops: Sequence[str], dtypes: Sequence[str], head_dims: Sequence[int],
           widths: Sequence[int], causal: bool = True) -> list[Case]:
-    """Every (op, dtype, size) launch shape to compile."""
+    """Every (op, dtype, size) launch shape to compile: ``head_dims`` for ops whose size
+    is a head dim ("D"), ``widths`` for the others."""
     return [Case(op, dtype, size, causal) for op in ops for dtype in dtypes
-            for size in (head_dims if op == "flash_attention" else widths)]
+            for size in (head_dims if registry.get(op).launch_dim == "D" else widths)]
 
 
 # ----------------------------------------------------------------- the parent process
@@ -167,16 +174,15 @@ def problems(rows: Sequence[dict]) -> list[str]:
             *spilling_defaults(rows)]
 
 
-_COLUMNS = (("kernel", 24), ("dtype", 9), ("size", 7), ("config", 22), ("arch", 6),
-            ("smem B", 9), ("limit B", 9), ("regs", 5), ("spill", 6), ("mma", 9),
-            ("tma", 3))
+_HEADER = ["kernel", "dtype", "size", "config", "arch", "smem B", "limit B", "regs", "spill",
+           "mma", "tma"]
 
 
 def _cells(row: dict) -> list[str]:
     config = row["config"] + (" *" if row["default"] else "")
     head = [row["kernel"], row["dtype"], row["size"], config, f"sm_{row['arch']}"]
     if "error" in row:
-        return head + [f"error: {row['error'].splitlines()[0]}"]
+        return head + [f"error: {row['error'].splitlines()[0]}"] + [""] * 5
     fit = "" if row["fits"] else " !"
     regs, spill = ("?" if v is None else str(v) for v in (row["regs"], row["spill"]))
     return head + [f"{row['smem']:,}{fit}", f"{row['smem_limit']:,}", regs, spill,
@@ -184,18 +190,9 @@ def _cells(row: dict) -> list[str]:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """One line per (kernel, dtype, size, config, arch); a blank line between shapes.
-    ``*`` marks the first config, ``!`` shared memory over the limit."""
-    lines = ["  ".join(f"{name:<{width}}" for name, width in _COLUMNS).rstrip()]
-    previous = None
-    for row in rows:
-        group = (row["kernel"], row["dtype"], row["size"])
-        if previous is not None and group != previous:
-            lines.append("")
-        previous = group
-        lines.append("  ".join(f"{cell:<{width}}" for cell, (_, width)
-                               in zip(_cells(row), _COLUMNS)).rstrip())
-    return "\n".join(lines)
+    """One line per (kernel, dtype, size, config, arch). ``*`` marks the first config,
+    ``!`` shared memory over the limit."""
+    return render_table(_HEADER, [_cells(row) for row in rows], left=range(5))
 
 
 # ----------------------------------------------------------------- the worker processes
@@ -254,7 +251,7 @@ def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
     for module in patched:
         module.launch = lambda kernel: _Recorder(kernel, recorded)
     try:
-        _RUNNERS[case.op](case)
+        case.launch()
     finally:
         for module in patched:
             module.launch = _utils.launch
@@ -270,45 +267,6 @@ class _Recorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.recorded.append((self.kernel, args, kwargs))
-
-
-def _run_flash_attention(case: Case) -> None:
-    import torch
-
-    from fastattn.kernels import flash_attention as fa
-
-    q = torch.empty(_BATCH, _HEADS, _SEQ, case.size, dtype=getattr(torch, case.dtype))
-    k, v, do = (torch.empty_like(q) for _ in range(3))
-    scale = case.size ** -0.5
-    o, lse = fa.attn_fwd(q, k, v, case.causal, scale)
-    fa.attn_bwd(do, q, k, v, o, lse, case.causal, scale)
-
-
-def _run_layer_norm(case: Case) -> None:
-    import torch
-
-    from fastattn.kernels import layer_norm as ln
-
-    x = torch.empty(_ROWS, case.size, dtype=getattr(torch, case.dtype))
-    w, b = torch.empty(case.size, dtype=x.dtype), torch.empty(case.size, dtype=x.dtype)
-    y, h, mean, rstd = ln.layer_norm_fwd(x, w, b, torch.empty_like(x), 1e-5, False)
-    ln.layer_norm_bwd(torch.empty_like(y), h, w, mean, rstd, torch.empty_like(x), True,
-                      False)
-
-
-def _run_gelu(case: Case) -> None:
-    import torch
-
-    from fastattn.kernels import gelu
-
-    x = torch.empty(_ROWS, case.size, dtype=getattr(torch, case.dtype))
-    b = torch.empty(case.size, dtype=x.dtype)
-    gelu.gelu_fwd(x, b, "none")
-    gelu.gelu_bwd(torch.empty_like(x), x, b, "none")
-
-
-_RUNNERS = {"flash_attention": _run_flash_attention, "layer_norm": _run_layer_norm,
-            "gelu": _run_gelu}
 
 
 def _jobs(spec: dict) -> Iterator[_Job]:

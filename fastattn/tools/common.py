@@ -3,7 +3,7 @@ devices and dtypes. The tools import this module and the library; nothing else."
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -67,3 +67,22 @@ def positive_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected a comma-separated list of positive integers, got {text!r}")
     return values
+
+
+def render_table(header: list[str], cells: list[list[str]], markdown: bool = False,
+                 notes: Sequence[str] = (), left: Sequence[int] = (), md_left: int = 0
+                 ) -> str:
+    """A table as aligned text (columns ``left`` left-aligned, the others right) or as
+    markdown (the first ``md_left`` columns left-aligned); ``notes`` follow it."""
+    if markdown:
+        align = ("---" if i < md_left else "---:" for i in range(len(header)))
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+                 *("| " + " | ".join(c) + " |" for c in cells)]
+        return "\n".join(lines + (["", *(f"- {n}" for n in notes)] if notes else []))
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header)]
+
+    def line(c: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(c, widths))).rstrip()
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells),
+                      *notes])

@@ -4,7 +4,7 @@ bench``), a sweep (``fastattn bench --sweep``) and the GPT benchmark
 ``benchmarks/update_readme.py`` all print what this module renders."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from fastattn.tools.common import render_table
 
 LEGEND = ("speed vs X = X's time / this time (higher is faster); "
           "mem X/x = X's extra peak memory / this one's (higher uses less)")
@@ -19,25 +19,6 @@ def fmt(value: float | None, kind: str) -> str:
     if kind == "pct":
         return f"{value:.1f}"
     return f"{value:.0f}" if value >= 1000 else f"{value:.3g}"
-
-
-def render_table(header: list[str], cells: list[list[str]], markdown: bool = False,
-                 notes: Sequence[str] = (), left: Sequence[int] = (), md_left: int = 0
-                 ) -> str:
-    """A table as aligned text (columns ``left`` left-aligned, the others right) or as
-    markdown (the first ``md_left`` columns left-aligned); ``notes`` follow it."""
-    if markdown:
-        align = ("---" if i < md_left else "---:" for i in range(len(header)))
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
-                 *("| " + " | ".join(c) + " |" for c in cells)]
-        return "\n".join(lines + (["", *(f"- {n}" for n in notes)] if notes else []))
-    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header)]
-
-    def line(c: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(c, widths))).rstrip()
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, cells),
-                      *notes])
 
 
 def commit_label(prov: dict) -> str:
