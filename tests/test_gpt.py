@@ -299,9 +299,13 @@ def test_gpt2_preset_has_124m_parameters_and_palm_flops():
 
 
 def test_presets_build():
+    """Each preset is a valid config with the sizes it promises (``gpt2``: GPT-2 small)."""
     assert set(PRESETS) == {"tiny", "small", "gpt2"}
-    for name in PRESETS:
-        GPTConfig.from_preset(name)
+    configs = {name: GPTConfig.from_preset(name) for name in PRESETS}
+    gpt2 = configs["gpt2"]
+    assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.block_size) == (12, 12, 768, 1024)
+    widths = [configs[name].n_embd * configs[name].n_layer for name in ("tiny", "small", "gpt2")]
+    assert widths == sorted(widths) and len(set(widths)) == 3       # ordered by size
 
 
 def test_init_scales_residual_projections():
