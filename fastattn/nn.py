@@ -100,9 +100,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._qkv(x)
         if cache is not None:
             k, v = cache.append(k, v)                                # (B, Hkv, L, D)
-        y = flash_attention(q, k, v, causal=True)                    # (B, H, T, D)
+        y = self._attend(q, k, v)                                    # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, c)                       # (B, T, C)
         return self.dropout(self.out_proj(y))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention, aligned bottom-right; the textbook GPT overrides it."""
+        return flash_attention(q, k, v, causal=True)
 
     @torch.no_grad()
     def sink_share(self, x: Tensor, n_sink: int = 1) -> Tensor:

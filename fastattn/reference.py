@@ -23,14 +23,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     ``j <= i + Tk - Tq``), as in flash-attn and ``attention`` below. K/V may have fewer
     heads than Q (grouped-query attention); they are repeated to match.
     """
-    tq, tk = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    scores = (q @ k.transpose(-2, -1)) * scale                     # (B, H, Tq, Tk)
-    if causal:
-        mask = torch.tril(torch.ones(tq, tk, dtype=torch.bool, device=q.device),
-                          diagonal=tk - tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores, v = _masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
     att = F.softmax(scores, dim=-1)
     return att @ v                                                 # (B, H, Tq, D)
 
@@ -44,20 +37,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
 
     Returns ``out`` (B, H, Tq, D) and ``lse`` (B, H, Tq).
     """
-    tq, tk = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    scores = (q @ k.transpose(-2, -1)) * scale                     # (B, H, Tq, Tk)
-    if causal:
-        mask = torch.tril(torch.ones(tq, tk, dtype=torch.bool, device=q.device),
-                          diagonal=tk - tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores, v = _masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
     lse = torch.logsumexp(scores, dim=-1)                          # (B, H, Tq)
     # A row with every key masked has lse = -inf; define its probabilities as 0.
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
     probs = torch.where(finite[..., None], probs, 0.0)
     return probs @ v, lse
+
+
+def _masked_scores(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                   scale: float | None) -> tuple[Tensor, Tensor]:
+    """The scaled (B, H, Tq, Tk) scores, ``-inf`` where the bottom-right causal mask
+    hides a key, and v with its heads repeated to q's."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        mask = torch.tril(torch.ones(tq, tk, dtype=torch.bool, device=q.device),
+                          diagonal=tk - tq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores, v
 
 
 def _repeat_kv(x: Tensor, n_heads: int) -> Tensor:

@@ -326,7 +326,7 @@ def _bad_call(kind):
      r"normalized_shape must be an int or a sequence of ints, got 'eight'"),
     ("shape_empty", ValueError, r"normalized_shape must name at least one dimension"),
     ("zero_width", ValueError, r"normalized_shape \(0,\) has no elements"),
-    ("weight_shape", ValueError, r"weight shape must equal normalized_shape \(8,\), got \(7,\)"),
+    ("weight_shape", ValueError, r"weight shape must be \(8,\) \(normalized_shape\), got \(7,\)"),
     ("weight_dtype", TypeError, r"weight dtype must be input's dtype torch.float16 or float32, "
                                 r"got torch.float64"),
     ("weight_device", ValueError, r"weight must be on input's device .*, got meta"),

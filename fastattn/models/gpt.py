@@ -111,40 +111,13 @@ PRESETS: dict[str, dict] = {
 # ------------------------------------------------------------------ naive blocks
 
 
-class NaiveCausalSelfAttention(nn.Module):
+class NaiveCausalSelfAttention(fnn.CausalSelfAttention):
     """Textbook causal self-attention: the (B, H, T, T) scores are masked with ``-inf``
-    above the diagonal and softmaxed. Parameters as ``fastattn.nn.CausalSelfAttention``."""
+    above the diagonal and softmaxed. Parameters, projections and cache handling are
+    ``fastattn.nn.CausalSelfAttention``'s; only the attention itself differs."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
-                 n_kv_heads: int | None = None) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        self.head_dim = d_model // n_heads
-        qkv_dim = (n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(d_model, qkv_dim, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, t, _ = x.shape
-        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(b, t, h, d).transpose(1, 2)                       # (B, H, T, D)
-        k = k.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
-        v = v.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
-        return q, k, v
-
-    def forward(self, x: Tensor, cache: fnn.KVCache | None = None) -> Tensor:
-        """x: (B, T, C) -> (B, T, C). With a ``cache`` the T new queries attend to every
-        cached key (the mask is aligned bottom-right, as in the fast module)."""
-        b, t, c = x.shape
-        q, k, v = self._qkv(x)
-        if cache is not None:
-            k, v = cache.append(k, v)                                # (B, Hkv, L, D)
-        y = naive_attention(q, k, v, causal=True)                    # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(b, t, c)                       # (B, T, C)
-        return self.dropout(self.out_proj(y))
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return naive_attention(q, k, v, causal=True)
 
     def attention_probs(self, x: Tensor) -> Tensor:
         """The explicit causal softmax matrix of x (B, T, C): (B, H, T, T)."""

@@ -30,6 +30,7 @@ from fastattn import backends
 from fastattn import reference
 from fastattn.ops import registry
 from fastattn.ops._custom_op import kernel_op
+from fastattn.ops._validation import check_param
 
 OP = "gelu"
 BACKENDS = ("triton", "ext", "torch")
@@ -112,19 +113,10 @@ def validate(input: Tensor, bias: Optional[Tensor], approximate: str) -> None:
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is None:
         return
-    if not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension for a bias to broadcast "
                          "over its last dim, got a 0-dim tensor")
-    if tuple(bias.shape) != (input.shape[-1],):
-        raise ValueError(f"bias shape must be ({input.shape[-1]},) (input's last dim), got "
-                         f"{tuple(bias.shape)}")
-    if bias.dtype not in (input.dtype, torch.float32):
-        raise TypeError(f"bias dtype must be input's dtype {input.dtype} or float32, "
-                        f"got {bias.dtype}")
-    if bias.device != input.device:
-        raise ValueError(f"bias must be on input's device {input.device}, got {bias.device}")
+    check_param("bias", bias, input, (input.shape[-1],), "input's last dim")
 
 
 def _as_rows(t: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from fastattn import backends
 from fastattn import reference
 from fastattn.ops import registry
 from fastattn.ops._custom_op import kernel_op
+from fastattn.ops._validation import check_param
 
 OP = "layer_norm"
 BACKENDS = ("triton", "ext", "torch")
@@ -260,7 +261,7 @@ def validate(input: Tensor, normalized_shape: tuple[int, ...], weight: Optional[
                          "nothing to normalise over (every normalised dim must be >= 1)")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            _check_param(name, t, input, normalized_shape)
+            check_param(name, t, input, normalized_shape, "normalized_shape")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"weight and bias must share one dtype, got weight {weight.dtype}, "
                         f"bias {bias.dtype}")
@@ -279,19 +280,6 @@ def validate(input: Tensor, normalized_shape: tuple[int, ...], weight: Optional[
                              f"got {residual.device}")
     if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-
-
-def _check_param(name: str, t: Tensor, input: Tensor, normalized_shape: tuple[int, ...]):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != normalized_shape:
-        raise ValueError(f"{name} shape must equal normalized_shape {normalized_shape}, "
-                         f"got {tuple(t.shape)}")
-    if t.dtype not in (input.dtype, torch.float32):
-        raise TypeError(f"{name} dtype must be input's dtype {input.dtype} or float32, "
-                        f"got {t.dtype}")
-    if t.device != input.device:
-        raise ValueError(f"{name} must be on input's device {input.device}, got {t.device}")
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:

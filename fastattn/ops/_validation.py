@@ -1,0 +1,21 @@
+"""Checks shared by the ops' ``validate`` functions; messages name the argument, its
+value and what is allowed."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_param(name: str, t: object, input: Tensor, shape: tuple[int, ...],
+                shape_is: str) -> None:
+    """A parameter (weight, bias) for ``input``: a tensor of ``shape`` (``shape_is`` says
+    what that shape is), in input's dtype or float32, on input's device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} shape must be {shape} ({shape_is}), got {tuple(t.shape)}")
+    if t.dtype not in (input.dtype, torch.float32):
+        raise TypeError(f"{name} dtype must be input's dtype {input.dtype} or float32, "
+                        f"got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{name} must be on input's device {input.device}, got {t.device}")
