@@ -122,13 +122,19 @@ def module_swaps() -> dict[str, tuple[type, type]]:
     return dict(_MODULES)
 
 
+_LOADED: list[bool] = []
+
+
 def _load() -> None:
-    """Import every op file of ``fastattn.ops`` (each registers itself on import)."""
+    """Import every op file of ``fastattn.ops`` (each registers itself on import), once."""
+    if _LOADED:
+        return
     import fastattn.ops as package
 
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_") and info.name != "registry":
             importlib.import_module(f"{package.__name__}.{info.name}")
+    _LOADED.append(True)
 
 
 # ------------------------------------------------ helpers the op files' entries share
