@@ -100,3 +100,13 @@ def test_no_grad_call_skips_the_custom_op(custom_op_calls):
         with _PassThrough():
             assert torch.equal(fastattn.gelu(x), y)
     assert custom_op_calls == {"gelu_fwd": 1}
+
+
+def test_profiler_sees_the_custom_ops(custom_op_calls):
+    """Regression: with the lean path, ``fastattn profile`` and torch.profiler traces lost
+    the ``fastattn::`` ops; under a running profiler the calls take the custom op."""
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        fastattn.gelu(x).sum().backward()
+    assert custom_op_calls == {"gelu_fwd": 1, "gelu_bwd": 1}
+    assert "fastattn::gelu_fwd" in {e.key for e in prof.key_averages()}

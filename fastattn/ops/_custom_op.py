@@ -11,7 +11,8 @@ the host. In plain eager mode nothing needs to see the op, so ``KernelOp`` calls
 registered function directly, through a ``torch.autograd.Function`` built from the same
 ``setup_context``/``backward`` when gradients may flow. Under ``torch.compile`` or any
 ``TorchDispatchMode`` (fake, functional and proxy tensors, opcheck, the tests' routing
-recorder) the call goes through the custom op, so they see ``fastattn::...``.
+recorder) and under the profiler the call goes through the custom op, so they see
+``fastattn::...``.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from fastattn.kernels._env import INTERPRET
 
 def plain_eager() -> bool:
     """Whether a call may skip the custom op: not compiling, no dispatch mode active
-    (every tracing and checking mode is one, and must see the op) and no functorch
-    transform (vmap, grad) active, which handles the custom op its own way."""
+    (every tracing and checking mode is one, and must see the op), no functorch
+    transform (vmap, grad) active, which handles the custom op its own way, and no
+    profiler running (a trace names the ``fastattn::`` ops)."""
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active())
+            and not torch._C._are_functorch_transforms_active()
+            and not torch.autograd._profiler_enabled())
 
 
 class KernelOp:
