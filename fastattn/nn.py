@@ -6,6 +6,8 @@ kernel runs is the ops layer's backend choice (eager torch on CPU, Triton on CUD
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from fastattn._warnings import warn_fallback
 from fastattn.ops import registry
 from fastattn.ops.flash_attention import HEAD_DIMS, flash_attention, head_dim_supported
 from fastattn.ops.gelu import bias_gelu, gelu
+from fastattn.ops.kvcache import flash_attn_with_kvcache
 from fastattn.ops.layer_norm import layer_norm, rms_norm
 
 
@@ -22,15 +25,21 @@ class KVCache:
     """Keys and values of one attention layer for incremental decoding.
 
     Preallocates (B, Hkv, max_len, D) buffers; ``append`` writes new positions and
-    returns views of everything cached so far (no copy of the past).
+    returns views of everything cached so far (no copy of the past). ``start`` (B,)
+    int32, if given, is each row's first real position: a left-padded batch of prompts
+    of different lengths keeps its pad positions in the buffers, and ``attend`` never
+    lets a query see them.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, start: Tensor | None = None) -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len, self.length = max_len, 0
+        if start is not None and tuple(start.shape) != (batch,):
+            raise ValueError(f"start must have shape ({batch},), got {tuple(start.shape)}")
+        self.start = None if start is None else start.to(device=device, dtype=torch.int32)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v: (B, Hkv, T, D) for the new positions. Returns (B, Hkv, length, D) views."""
@@ -42,6 +51,25 @@ class KVCache:
         self.v[:, :, start:stop] = v
         self.length = stop
         return self.k[:, :, :stop], self.v[:, :, :stop]
+
+    @torch.compiler.disable
+    def attend(self, q: Tensor, k: Tensor, v: Tensor,
+               attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """Append k, v (B, Hkv, T, D) and return the causal attention (bottom-right) of
+        q (B, H, T, D) over the cache: ``attend(q, keys, values)`` over the filled
+        positions, or, with ``start``, ``flash_attn_with_kvcache`` with
+        ``cache_leftpad=start``, which attends only positions ``start[b]..``.
+
+        Runs eagerly under ``torch.compile``: the cache length changes every step, so
+        the compiled parts of a decoding step keep static shapes."""
+        keys, values = self.append(k, v)
+        if self.start is None:
+            return attend(q, keys, values)
+        seqlens = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+        out = flash_attn_with_kvcache(q.transpose(1, 2), self.k.transpose(1, 2),
+                                      self.v.transpose(1, 2), cache_seqlens=seqlens,
+                                      cache_leftpad=self.start, causal=True)
+        return out.transpose(1, 2)                                   # (B, H, T, D)
 
     def reset(self) -> None:
         self.length = 0
@@ -98,15 +126,20 @@ class CausalSelfAttention(nn.Module):
         mask is aligned bottom-right, so T = 1 is plain decoding)."""
         b, t, c = x.shape
         q, k, v = self._qkv(x)
-        if cache is not None:
-            k, v = cache.append(k, v)                                # (B, Hkv, L, D)
-        y = self._attend(q, k, v)                                    # (B, H, T, D)
+        if cache is None:
+            y = self._attend(q, k, v)                                # (B, H, T, D)
+        else:
+            y = cache.attend(q, k, v, self._attend)                  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, c)                       # (B, T, C)
         return self.dropout(self.out_proj(y))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention, aligned bottom-right; the textbook GPT overrides it."""
-        return flash_attention(q, k, v, causal=True)
+        """Causal attention, aligned bottom-right; the textbook GPT overrides it.
+
+        One query (a decoding step against the cache) is the last position and sees
+        every key: it runs unmasked, which on CPU takes torch's flash kernel instead of
+        the blocked path that a bottom-right mask with Tq != Tk needs."""
+        return flash_attention(q, k, v, causal=q.shape[2] > 1)
 
     @torch.no_grad()
     def sink_share(self, x: Tensor, n_sink: int = 1) -> Tensor:

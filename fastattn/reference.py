@@ -23,41 +23,107 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     ``j <= i + Tk - Tq``), as in flash-attn and ``attention`` below. K/V may have fewer
     heads than Q (grouped-query attention); they are repeated to match.
     """
-    scores, v = _masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
+    scores, v = masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
     att = F.softmax(scores, dim=-1)
     return att @ v                                                 # (B, H, Tq, D)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
-              scale: float | None = None) -> tuple[Tensor, Tensor]:
+              scale: float | None = None, *, window: tuple[int, int] = (-1, -1),
+              softcap: float = 0.0, alibi: Tensor | None = None,
+              dropout_mask: Tensor | None = None, dropout_p: float = 0.0
+              ) -> tuple[Tensor, Tensor]:
     """Exact attention and its row log-sum-exp, computed in the inputs' dtype (run it in
-    float64 for a ground truth). Same conventions as ``fastattn.flash_attention``:
-    bottom-right causal alignment, GQA, and rows that see no key give output 0 and
-    log-sum-exp ``-inf``.
+    float64 for a ground truth), with every variant the kernels serve. Conventions are
+    those of ``fastattn.flash_attention`` and flash-attn:
+
+    * scores ``x = scale·q·k``; with ``softcap > 0``, ``x = softcap·tanh(x / softcap)``;
+      with ``alibi`` (B, H) or (H,), ``x -= slope·|i + Tk − Tq − j|``;
+    * key j is visible to query i iff ``i + Tk − Tq − left <= j <= i + Tk − Tq + right``
+      for ``window = (left, right)``, ``-1`` leaving that side unbounded; ``causal``
+      sets ``right = 0`` (bottom-right alignment);
+    * ``dropout_mask`` (B, H, Tq, Tk) bool, True = kept: the probabilities are multiplied
+      by it and by ``1 / (1 − dropout_p)``; the log-sum-exp is not affected;
+    * GQA (k, v with fewer heads); rows that see no key give output 0 and lse ``-inf``.
 
     Returns ``out`` (B, H, Tq, D) and ``lse`` (B, H, Tq).
     """
-    scores, v = _masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
+    scores, v = masked_scores(q, k, v, causal, scale, window, softcap, alibi)
     lse = torch.logsumexp(scores, dim=-1)                          # (B, H, Tq)
     # A row with every key masked has lse = -inf; define its probabilities as 0.
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
     probs = torch.where(finite[..., None], probs, 0.0)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ v, lse
 
 
-def _masked_scores(q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                   scale: float | None) -> tuple[Tensor, Tensor]:
-    """The scaled (B, H, Tq, Tk) scores, ``-inf`` where the bottom-right causal mask
-    hides a key, and v with its heads repeated to q's."""
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                     cu_seqlens_k: Tensor, causal: bool = False, scale: float | None = None,
+                     *, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi: Tensor | None = None, dropout_mask: list[Tensor] | None = None,
+                     dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``attention`` over a packed batch: q (total_q, H, D), k, v (total_k, Hkv, D), and
+    sequence b owning rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` of each. ``alibi`` is
+    (B, H) or (H,); ``dropout_mask`` a list of per-sequence (1, H, Tq_b, Tk_b) masks.
+
+    Returns ``out`` (total_q, H, D) and ``lse`` (H, total_q), flash-attn's varlen layout.
+    """
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = q.new_zeros(q.shape)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"))
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b]:
+            continue
+        seq = [x[lo:hi].transpose(0, 1)[None] for x, lo, hi in
+               ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1]))]
+        slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b])
+        o_b, lse_b = attention(*seq, causal, scale, window=window, softcap=softcap,
+                               alibi=None if slopes is None else slopes[None],
+                               dropout_mask=None if dropout_mask is None else dropout_mask[b],
+                               dropout_p=dropout_p)
+        out[cq[b]:cq[b + 1]] = o_b[0].transpose(0, 1)
+        lse[:, cq[b]:cq[b + 1]] = lse_b[0]
+    return out, lse
+
+
+def visible(tq: int, tk: int, causal: bool = False, window: tuple[int, int] = (-1, -1),
+            device=None) -> Tensor:
+    """(Tq, Tk) bool: whether query i sees key j (bottom-right aligned causal/window)."""
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    seen = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    return seen
+
+
+def masked_scores(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
+                   window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                   alibi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The scaled (B, H, Tq, Tk) scores (soft-capped, ALiBi-biased), ``-inf`` where the
+    causal mask or window hides a key, and v with its heads repeated to q's."""
     tq, tk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        mask = torch.tril(torch.ones(tq, tk, dtype=torch.bool, device=q.device),
-                          diagonal=tk - tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi is not None:
+        i = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        j = torch.arange(tk, device=q.device)[None, :]
+        slopes = alibi.to(scores.dtype)
+        slopes = slopes[None] if slopes.dim() == 1 else slopes     # (B or 1, H)
+        scores = scores - slopes[:, :, None, None] * (i - j).abs().to(scores.dtype)
+    if causal or tuple(window) != (-1, -1):
+        scores = scores.masked_fill(~visible(tq, tk, causal, tuple(window), q.device),
+                                    float("-inf"))
     return scores, v
 
 

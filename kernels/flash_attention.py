@@ -2,73 +2,101 @@
 
 What is computed
 ----------------
-For one (batch, head), with query rows q_i, key rows k_j and value rows v_j:
+For one sequence and query head, with query rows q_i, key rows k_j and value rows v_j
+(i < Tq, j < Tk, both counted from the sequence's start) and off = Tk − Tq:
 
-    s_ij = scale · q_i·k_j                  scores; -inf where the mask hides key j
-    L_i  = log Σ_j exp(s_ij)                row log-sum-exp (natural log)
-    P_ij = exp(s_ij − L_i)                  softmax, never stored
-    O_i  = Σ_j P_ij v_j
+    x_ij = scale · q_i·k_j                           scores
+    x_ij = c · tanh(x_ij / c)                        soft cap c > 0 (optional)
+    x_ij = x_ij − a · |i + off − j|                  ALiBi slope a (optional)
+    x_ij = -inf unless i + off − left ≤ j ≤ i + off + right      the window
+    L_i  = log Σ_j exp(x_ij)                         row log-sum-exp (natural log)
+    P_ij = exp(x_ij − L_i)                           softmax, never stored
+    O_i  = Σ_j P_ij · z_ij · v_j                     z_ij = keep_ij / (1 − p), dropout p
 
-Causal masking is aligned to the bottom-right, as in flash-attn: query i sees key j
-iff j ≤ i + (Tk − Tq). With Tq = 1 (decoding) the query sees every key; with Tq > Tk the
-first Tq − Tk rows see no key, and for them O_i = 0, L_i = -inf and no gradient flows.
+The window (left, right) bounds each side, −1 leaving that side open; causal attention
+is right = 0 (with the window's left kept), aligned to the bottom-right as in flash-attn:
+query i sees key j ≤ i + (Tk − Tq). With Tq = 1 (decoding) the query sees every key.
+A row that sees no key (causal with Tq > Tk, or a window past the keys) gets O_i = 0,
+L_i = -inf and no gradient. Dropout keeps key j of row i iff the Philox draw
+u(seed, offset, b·H + h, i, j) ≥ p (first word of ``tl.philox(seed, j, i, b·H + h,
+offset)`` through ``uint_to_uniform_float``); L is the log-sum-exp of the undropped
+scores, and the backward draws the same mask again instead of storing it. Without the
+options z = 1 and x_ij = scale · q_i·k_j.
 
 Forward: online softmax. A program owns BLOCK_M query rows and streams over key blocks
-of BLOCK_N rows. Per row it keeps the running max m, the running sum l = Σ exp(s − m)
-and the unnormalised output acc = Σ exp(s − m)·v. When a key block raises the max to
+of BLOCK_N rows. Per row it keeps the running max m, the running sum l = Σ exp(x − m)
+and the unnormalised output acc = Σ exp(x − m)·z·v. When a key block raises the max to
 m', everything summed so far was scaled by exp(−m) and must now be scaled by exp(−m'),
 so the old sums are multiplied by α = exp(m − m'):
 
-    l   ← α·l   + Σ_j exp(s_ij − m')
-    acc ← α·acc + Σ_j exp(s_ij − m')·v_j
+    l   ← α·l   + Σ_j exp(x_ij − m')
+    acc ← α·acc + Σ_j exp(x_ij − m')·z_ij·v_j
 
 At the end O = acc / l and L = m + log l. Subtracting the max keeps every exponent ≤ 0,
 so scores of ±1e4 stay finite. The exponentials use exp2 with log2(e) folded into the
-scale (s₂ = s·log2 e, exp(s) = 2^s₂): one multiply per score fewer. A row that has seen
+scale (x₂ = x·log2 e, exp(x) = 2^x₂): one multiply per score fewer. A row that has seen
 no key yet has m = -inf; it is exponentiated against 0 instead, which avoids
 -inf − (-inf) = NaN. The forward writes O and L only: the Tq×Tk matrix never exists.
 
-Backward keeps L and recomputes P from Q and K. With dO the gradient of O:
+Backward keeps L and recomputes P from Q and K (and z from the seed). With dO the
+gradient of O:
 
-    dV_j  = Σ_i P_ij dO_i
-    dP_ij = dO_i·v_j
-    dS_ij = P_ij (dP_ij − Δ_i),   Δ_i = Σ_j P_ij dP_ij = dO_i·O_i    (softmax VJP)
+    dV_j  = Σ_i P_ij z_ij dO_i
+    dP_ij = z_ij · dO_i·v_j
+    dX_ij = P_ij (dP_ij − Δ_i),   Δ_i = Σ_j P_ij dP_ij = dO_i·O_i     (softmax VJP)
+    dS_ij = dX_ij · (1 − tanh²(scale · q_i·k_j / c))    with a soft cap, else dX_ij
     dQ_i  = scale · Σ_j dS_ij k_j
     dK_j  = scale · Σ_i dS_ij q_i
 
-Three kernels: Δ (preprocessing), dK/dV (a program per key block; it loops over the
-query heads of its KV group and over the query blocks) and dQ (a program per query
-block; it loops over the key blocks). Every output element is written by exactly one
-program, with no atomics, so the backward is bitwise reproducible.
+(the ALiBi bias does not depend on q or k). Three kernels: Δ (preprocessing), dK/dV (a
+program per key block; it loops over the query heads of its KV group and over the query
+blocks) and dQ (a program per query block; it loops over the key blocks). Every output
+element is written by exactly one program, with no atomics, so the backward is bitwise
+reproducible.
 
-Masking: tiles entirely visible to every row they meet run without a mask. Only tiles
-that straddle the causal diagonal or hold the key tail (Tk not a multiple of BLOCK_N)
-apply one; causal tiles entirely above the diagonal are skipped. Lanes outside the
-tensors (the query tail, the head-dim padding) load zeros, which add nothing to any
-dot product, and are never stored.
+Masking: a program visits only the blocks that hold a key (or query) its rows can see,
+so a window of W keys costs O(T·W), not O(T²). Blocks visible in full to every row they
+meet run without a mask; only blocks that straddle an edge of the window or hold the key
+tail (Tk not a multiple of BLOCK_N) apply one. Lanes outside the tensors (the query tail,
+the head-dim padding) load zeros, which add nothing to any dot product, and are never
+stored; in the backward, query rows past Tq load L = +inf, so their P is 0.
+
+Variable lengths (varlen): sequences of different lengths packed along one token axis,
+q (total_q, H, D), sequence b owning rows cu_seqlens_q[b] : cu_seqlens_q[b + 1] (and
+likewise for k, v). The same kernels serve it (constexpr VARLEN): a program reads its
+sequence's start and length from cu_seqlens, and the grid, sized from the longest
+sequence, has programs past their sequence's end return at once.
 
 Limits
 ------
-- Head dim D: a multiple of 8 in [16, 256]; padded to BLOCK_D = next power of two
-  with masked loads and stores.
+- Head dim D: any integer in [1, 256]; padded to BLOCK_D = max(16, next power of two)
+  (``tl.dot`` needs K ≥ 16) with masked loads and stores.
 - dtypes: fp16, bf16, fp32 (q, k, v alike); accumulation in fp32. fp32 dots use
-  ``input_precision="ieee"`` (true fp32, no TF32).
-- Lengths: any Tq, Tk ≥ 1. GQA/MQA: H % Hkv == 0, query head h reads KV head
+  ``input_precision="ieee"`` (true fp32, no TF32). ALiBi slopes are fp32.
+- Lengths: any Tq, Tk ≥ 1 (dense); in varlen any lengths ≥ 0, with max_seqlen_q/k at
+  least the longest (they size the grid; a longer sequence is cut short, unchecked, as
+  that needs a device sync). GQA/MQA: H % Hkv == 0, query head h reads KV head
   h // (H // Hkv).
 - Any strides (views, transposes, packed QKV slices, stride-0 expands). Offsets
-  across batch and heads are int64; inside one head they are int32, so each head's
-  rows must span fewer than 2**31 elements (the launchers check).
+  across batch, heads and sequence starts are int64; inside one sequence's head they
+  are int32, so its rows must span fewer than 2**31 elements (the launchers check).
+- Dropout: seed in [0, 2**63), offset in [0, 2**32); at most 2**32 query heads
+  (b·H + h), query rows and keys per sequence (the Philox counters are 32-bit).
 - Under TRITON_INTERPRET=1, ``tl.dot`` on bf16 operands gives wrong results
   (triton#11584); the launchers then set DOT_FP32 and the tiles are cast to fp32
   before each dot.
 
 Sources: Dao et al., "FlashAttention" (2022) and "FlashAttention-2" (2023);
-Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018).
+Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Press et al.,
+"Train Short, Test Long" (ALiBi, 2022); Beltagy et al., "Longformer" (2020) for the
+sliding window; Gemma 2 (2024) for the logit soft cap; Salmon et al., "Parallel random
+numbers: as easy as 1, 2, 3" (2011) for Philox.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,7 +107,7 @@ from ._utils import empty as _empty
 
 LOG2E = math.log2(math.e)
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,52 +138,158 @@ def _program_ids(T, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_range(m0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Key blocks for the query block starting at row m0: those starting in
-    [0, n_fast) need no mask, those in [n_fast, n_end) do."""
-    if CAUSAL:
-        # Row m0, the block's first, sees keys [0, m0 + 1 + Tk - Tq): so do all rows
-        # below it. The last row sees keys [0, m0 + BLOCK_M + Tk - Tq).
-        full = tl.minimum(tl.maximum(m0 + 1 + Tk - Tq, 0), Tk)
-        n_end = tl.minimum(m0 + BLOCK_M + Tk - Tq, Tk)
-    else:
-        full = Tk
-        n_end = Tk
-    # Clamped to >= 0 above, so // rounds down on GPU and in the interpreter alike.
-    n_fast = full // BLOCK_N * BLOCK_N
-    return n_fast, n_end
+def _sequence(CU_SEQLENS, b, T, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: read from cu_seqlens with VARLEN (the start
+    in int64, as it scales the whole packed tensor's stride), else (0, T)."""
+    start = 0
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + b)
+        T = tl.load(CU_SEQLENS + b + 1) - first
+        start = first.to(tl.int64)
+    return start, T
 
 
 @triton.jit
-def _query_range(n0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Query blocks for the key block starting at n0: those starting in
-    [m_start, m_fast) need a mask, those in [m_fast, Tq) do not."""
-    if CAUSAL:
-        # Row i sees key j iff i >= j - (Tk - Tq): the first row to see key n0, and
-        # the first to see the block's last key n0 + BLOCK_N - 1.
-        m_start = tl.maximum(n0 - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
-        first_full = tl.maximum(n0 + BLOCK_N - 1 - (Tk - Tq), 0)
-        m_fast = (first_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+def _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
+    """ALiBi slope of (sequence b, query head h) in log2 units; 0 without ALIBI."""
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + b * stride_ab + h * stride_ah) * 1.4426950408889634
+    return slope
+
+
+@triton.jit
+def _split_blocks(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Blocks of BLOCK rows (starting at multiples of BLOCK) over the rows [lo, hi) that
+    some row of the other side sees, of which those inside [full_lo, full_hi) are seen
+    by all of them. Returns (start, mid_lo, mid_hi, end): the blocks starting in
+    [start, mid_lo) and [mid_hi, end) need the mask, those in [mid_lo, mid_hi) do not.
+    Expects 0 <= lo <= full_lo, and full_hi <= hi or full_hi the padded end of the
+    rows (rows past the end are harmless); everything is empty when lo >= hi."""
+    # Operands are >= 0, so // rounds down on GPU and in the interpreter alike.
+    start = lo // BLOCK * BLOCK
+    mid_lo = (full_lo + BLOCK - 1) // BLOCK * BLOCK
+    mid_hi = tl.maximum(full_hi, 0) // BLOCK * BLOCK
+    end = tl.where(lo < hi, hi, start)
+    # No block is seen in full: the masked head covers [start, end).
+    whole = mid_lo < mid_hi
+    mid_lo = tl.where(whole, mid_lo, end)
+    mid_hi = tl.where(whole, mid_hi, end)
+    return start, mid_lo, mid_hi, end
+
+
+@triton.jit
+def _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_split_blocks`` of the keys for the query rows [m0, m0 + BLOCK_M)."""
+    # Row i sees keys [i + off - left, i + off + right]; rows past Tq do not count.
+    first = m0 + (Tk - Tq)
+    last = tl.minimum(m0 + BLOCK_M, Tq) - 1 + (Tk - Tq)
+    lo = 0
+    full_lo = 0
+    hi = Tk
+    full_hi = Tk
+    if HAS_LEFT:
+        lo = tl.maximum(first - left, 0)
+        full_lo = tl.maximum(last - left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(last + right + 1, Tk)
+        full_hi = tl.minimum(first + right + 1, Tk)
+    return _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
+
+
+@triton.jit
+def _query_blocks(n0, Tq, Tk, left, right, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_split_blocks`` of the queries for the keys [n0, n0 + BLOCK_N)."""
+    # Key j is seen by rows [j - off - right, j - off + left].
+    first = n0 - (Tk - Tq)
+    last = tl.minimum(n0 + BLOCK_N, Tk) - 1 - (Tk - Tq)
+    # Rows past Tq are harmless without a mask (their P is 0), so the query tail may
+    # run in the unmasked loop: the full range extends to the padded end.
+    padded = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    lo = 0
+    full_lo = 0
+    hi = Tq
+    full_hi = padded
+    if HAS_RIGHT:
+        lo = tl.maximum(first - right, 0)
+        full_lo = tl.maximum(last - right, 0)
+    if HAS_LEFT:
+        hi = tl.minimum(last + left + 1, Tq)
+        full_hi = tl.minimum(first + left + 1, Tq)
+        full_hi = tl.where(full_hi == Tq, padded, full_hi)
+    # The block holding the key tail masks its padded keys against every query block.
+    full_hi = tl.where(n0 + BLOCK_N > Tk, 0, full_hi)
+    return _split_blocks(lo, hi, full_lo, full_hi, BLOCK_M)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 2·sigmoid(2x) − 1, from exp2: no libdevice, so it also runs under the
+    interpreter and on every Triton version. exp2 overflows to inf for x < −44, which
+    gives −1 exactly."""
+    return 2.0 / (1.0 + tl.exp2(-2.8853900817779268 * x)) - 1.0   # 2·log2(e)
+
+
+@triton.jit
+def _scores(qk, rows, cols, off, qk_scale, softcap2, slope2,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores x in log2 units from the dot products ``qk`` (unmasked), and the soft
+    cap's tanh, whose derivative the backward needs (without SOFTCAP ``qk``, unused).
+    ``rows``, ``cols``: query and key indices inside the sequence, shaped to broadcast
+    against ``qk`` ((M, 1) and (1, N), or transposed)."""
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)          # qk_scale = scale / softcap
+        x = t * softcap2                  # softcap2 = softcap · log2(e)
     else:
-        m_start = 0
-        m_fast = 0
-    # The block holding the tail of Tk masks its padded keys against every query block.
-    m_fast = tl.where(n0 + BLOCK_N > Tk, Tq, m_fast)
-    return m_start, m_fast
+        t = qk
+        x = qk * qk_scale                 # qk_scale = scale · log2(e)
+    if ALIBI:
+        x -= slope2 * tl.abs(rows + off - cols).to(tl.float32)
+    return x, t
+
+
+@triton.jit
+def _visible(rows, cols, off, left, right, Tk, HAS_LEFT: tl.constexpr,
+             HAS_RIGHT: tl.constexpr):
+    """Whether query ``rows`` see keys ``cols`` (broadcast as in ``_scores``): a key
+    inside the sequence and the window [i + off − left, i + off + right]."""
+    seen = cols < Tk
+    if HAS_LEFT:
+        seen = seen & (cols >= rows + off - left)
+    if HAS_RIGHT:
+        seen = seen & (cols <= rows + off + right)
+    return seen
+
+
+@triton.jit
+def _dropout_keep(rows, cols, bh, seed, offset, dropout_p):
+    """Dropout keep mask of query ``rows`` and keys ``cols`` (broadcast as in
+    ``_scores``) for query head bh = b·H + h: the first word of Philox4x32-10 with key
+    ``seed`` and counter (j, i, bh, offset), made a uniform float as ``tl.rand`` does,
+    kept iff ≥ p. fastattn/ops/_philox.py rebuilds the same mask in torch."""
+    zero = rows * 0 + cols * 0                               # int32, the tile's shape
+    r, _, _, _ = tl.philox(seed, (cols + zero).to(tl.uint32), (rows + zero).to(tl.uint32),
+                           (zero + bh).to(tl.uint32),
+                           (zero.to(tl.int64) + offset).to(tl.uint32))
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this head's (Tk, D) rows
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this sequence's (Tk, D) rows
                     stride_kn, stride_kd, stride_vn, stride_vd,
-                    offs_m, offs_n, offs_d, d_mask, lo, hi, Tq, Tk, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+                    offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
+                    qk_scale, softcap2, slope2, left, right,
+                    bh, seed, offset, dropout_p,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                    IEEE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update of (acc, l, m) with the key blocks starting in [lo, hi)."""
+    rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -164,19 +298,21 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this head's (Tk, D) rows
             kv_mask = d_mask[None, :]
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
-        s = _dot(q, tl.trans(k), IEEE, DOT_FP32) * qk_scale          # (BLOCK_M, BLOCK_N), log2
+        s, _ = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
+                       qk_scale, softcap2, slope2, SOFTCAP, ALIBI)   # (BLOCK_M, BLOCK_N)
         if MASKED:
-            visible = cols[None, :] < Tk
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(rows, cols[None, :], off, left, right, Tk, HAS_LEFT,
+                                  HAS_RIGHT), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key keeps m = -inf; exponentiate against 0 instead,
         # so that exp2(-inf - -inf) = NaN never happens (its p and alpha are then 0).
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)                                 # rescales the old sums
         p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)                             # before dropout
+        if DROPOUT:   # the 1 / (1 - p) is applied to O at the end
+            p = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
+                         p, 0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, DOT_FP32)
@@ -186,35 +322,51 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this head's (Tk, D) rows
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q,    # (B, H, Tq, D)
-    K,    # (B, Hkv, Tk, D)
-    V,    # (B, Hkv, Tk, D)
-    O,    # (B, H, Tq, D)   output
-    LSE,  # (B, H, Tq)      output, fp32, natural log
+    Q,       # (B, H, Tq, D); varlen: (1, H, total_q, D), batch stride 0
+    K,       # (B, Hkv, Tk, D); varlen: (1, Hkv, total_k, D)
+    V,       # like K
+    O,       # like Q, output
+    LSE,     # (B, H, Tq); varlen: (1, H, total_q). Output, fp32, natural log
+    CU_Q,    # (B + 1,) int32 query row offsets of the sequences (VARLEN), else None
+    CU_K,    # (B + 1,) int32 key row offsets (VARLEN), else None
+    SLOPES,  # (B, H) fp32 ALiBi slopes (ALIBI), else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
+    stride_ab, stride_ah,
     H, GROUP,          # query heads; query heads per KV head
-    Tq, Tk,
-    qk_scale,          # scale * log2(e)
+    Tq, Tk,            # lengths; with VARLEN the longest ones (they size the grid)
+    qk_scale,          # scale · log2(e), or scale / softcap with SOFTCAP
+    softcap2,          # softcap · log2(e)
+    left, right,       # window: keys [i + off - left, i + off + right]
+    dropout_p, seed, offset,
     TQ_KEY, TK_KEY,    # next powers of two of Tq, Tk: autotune key only
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
-    O += b * stride_ob + h * stride_oh
-    LSE += b * stride_lb + h * stride_lh
-
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
+    k_start, Tk = _sequence(CU_K, b, Tk, VARLEN)
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= Tq:   # the sequence is shorter than the longest one
+            return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh + q_start * stride_qm
+    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
+    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
+    O += b * stride_ob + h * stride_oh + q_start * stride_om
+    LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
+    slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -226,23 +378,40 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_fast, n_end = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    off = Tk - Tq
+    bh = b * H + h
+    start, mid_lo, mid_hi, end = _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT,
+                                             HAS_RIGHT, BLOCK_M, BLOCK_N)
+    # Masked blocks before the window's fully visible middle, the middle, masked after.
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_n, offs_d, d_mask, 0, n_fast,
-                                    Tq, Tk, qk_scale, False, CAUSAL, IEEE, DOT_FP32,
-                                    BLOCK_N)
+                                    offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
+                                    qk_scale, softcap2, slope2, left, right,
+                                    bh, seed, offset, dropout_p,
+                                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                    IEEE, DOT_FP32, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_n, offs_d, d_mask, n_fast, n_end,
-                                    Tq, Tk, qk_scale, True, CAUSAL, IEEE, DOT_FP32,
-                                    BLOCK_N)
+                                    offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
+                                    qk_scale, softcap2, slope2, left, right,
+                                    bh, seed, offset, dropout_p,
+                                    False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                    IEEE, DOT_FP32, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
+                                    stride_kn, stride_kd, stride_vn, stride_vd,
+                                    offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
+                                    qk_scale, softcap2, slope2, left, right,
+                                    bh, seed, offset, dropout_p,
+                                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                    IEEE, DOT_FP32, BLOCK_N)
 
     # l >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw
     # none get O = 0 and L = -inf.
     seen = l_i > 0.0
     l_i = tl.where(seen, l_i, 1.0)
     o = acc / l_i[:, None]
+    if DROPOUT:
+        o *= 1.0 / (1.0 - dropout_p)                                 # kept P are scaled up
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453                  # log2 -> natural log
     lse = tl.where(seen, lse, float("-inf"))
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -264,7 +433,8 @@ def _attn_bwd_delta_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Δ_i = dO_i·O_i in fp32, the row term of the softmax VJP."""
+    """Δ_i = dO_i·O_i in fp32, the row term of the softmax VJP. Row by row, so a varlen
+    batch runs as one sequence of all its rows."""
     pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -283,17 +453,23 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this head's rows
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's head's rows
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          stride_lm, stride_dem,
-                         offs_n, offs_m, offs_d, d_mask, lo, hi, Tq, Tk, qk_scale,
-                         MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                         offs_n, offs_m, offs_d, d_mask, lo, hi, Tq, Tk, off,
+                         qk_scale, softcap2, slope2, left, right,
+                         bh, seed, offset, dropout_p,
+                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                         HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                         ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                          DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
     """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi).
 
-    Works on transposed scores (keys × queries) so that dV = Pᵀ·dO and dK = dSᵀ·Q
-    are plain dots. Query rows past Tq load q = dO = L = Δ = 0, which makes their
-    dS and dO rows zero; they add nothing."""
+    Works on transposed scores (keys × queries) so that dV = (P∘z)ᵀ·dO and dK = dSᵀ·Q
+    are plain dots. Query rows past Tq load q = dO = Δ = 0 and L = +inf, which makes
+    their P, dS and dO rows zero; they add nothing. dv leaves without the dropout's
+    1 / (1 - p), which the caller applies once."""
+    cols = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < Tq
@@ -302,60 +478,80 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this head's rows
                     mask=q_mask, other=0.0)                          # (BLOCK_M, BLOCK_D)
         do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=q_mask, other=0.0)                         # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE + rows * stride_lm, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + rows * stride_lm, mask=row_ok,
+                       other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + rows * stride_dem, mask=row_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), IEEE, DOT_FP32) * qk_scale       # (BLOCK_N, BLOCK_M)
+        s_t, t_t = _scores(_dot(k, tl.trans(q), IEEE, DOT_FP32), rows[None, :], cols, off,
+                           qk_scale, softcap2, slope2, SOFTCAP, ALIBI)  # (BLOCK_N, BLOCK_M)
         log2_p_t = s_t - lse2[None, :]
         if MASKED:
-            # Mask the exponent, not P: hidden entries of rows with L = -inf (they see
-            # no key) would give exp2(+inf), and padded keys exp2(0 - L) may overflow.
-            visible = offs_n[:, None] < Tk
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + (Tk - Tq))
-            log2_p_t = tl.where(visible, log2_p_t, float("-inf"))
+            # Mask the exponent, not x: hidden entries of rows with L = -inf (they see
+            # no key) would give -inf - -inf = NaN, and padded keys exp2(0 - L) may
+            # overflow.
+            log2_p_t = tl.where(_visible(rows[None, :], cols, off, left, right, Tk,
+                                         HAS_LEFT, HAS_RIGHT), log2_p_t, float("-inf"))
         p_t = tl.exp2(log2_p_t)
-        dv += _dot(p_t.to(do.dtype), do, IEEE, DOT_FP32)
         dp_t = _dot(v, tl.trans(do), IEEE, DOT_FP32)                 # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep_t = _dropout_keep(rows[None, :], cols, bh, seed, offset, dropout_p)
+            dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, IEEE, DOT_FP32)
+            dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv += _dot(p_t.to(do.dtype), do, IEEE, DOT_FP32)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk += _dot(ds_t.to(q.dtype), q, IEEE, DOT_FP32)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,      # (B, H, Tq, D)
-    K,      # (B, Hkv, Tk, D)
-    V,      # (B, Hkv, Tk, D)
-    DO,     # (B, H, Tq, D)
-    LSE,    # (B, H, Tq) fp32
-    DELTA,  # (B, H, Tq) fp32
-    DK,     # (B, Hkv, Tk, D) output
-    DV,     # (B, Hkv, Tk, D) output
+    Q,       # (B, H, Tq, D); varlen: (1, H, total_q, D), batch stride 0
+    K,       # (B, Hkv, Tk, D); varlen: (1, Hkv, total_k, D)
+    V,       # like K
+    DO,      # like Q
+    LSE,     # (B, H, Tq) fp32; varlen (1, H, total_q)
+    DELTA,   # like LSE
+    DK,      # like K, output
+    DV,      # like K, output
+    CU_Q,    # (B + 1,) int32 (VARLEN), else None
+    CU_K,    # (B + 1,) int32 (VARLEN), else None
+    SLOPES,  # (B, H) fp32 (ALIBI), else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     stride_deb, stride_deh, stride_dem,
+    stride_ab, stride_ah,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hkv, GROUP,        # KV heads; query heads per KV head
-    Tq, Tk,
-    sm_scale, qk_scale,
+    Tq, Tk,            # lengths; with VARLEN the longest ones (they size the grid)
+    sm_scale, qk_scale, softcap2, left, right, dropout_p, seed, offset,
     TQ_KEY, TK_KEY,    # next powers of two of Tq, Tk: autotune key only
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n, pid_bh = _program_ids(Tk, BLOCK_N)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
-    DK += b * stride_dkb + hk * stride_dkh
-    DV += b * stride_dvb + hk * stride_dvh
-
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
+    k_start, Tk = _sequence(CU_K, b, Tk, VARLEN)
     n0 = pid_n * BLOCK_N
+    if VARLEN:
+        if n0 >= Tk:   # the sequence is shorter than the longest one
+            return
+    b = b.to(tl.int64)
+    hk = hk.to(tl.int64)
+    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
+    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
+    DK += b * stride_dkb + hk * stride_dkh + k_start * stride_dkn
+    DV += b * stride_dvb + hk * stride_dvh + k_start * stride_dvn
+
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -369,28 +565,46 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    m_start, m_fast = _query_range(n0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    off = Tk - Tq
+    start, mid_lo, mid_hi, end = _query_blocks(n0, Tq, Tk, left, right, HAS_LEFT,
+                                               HAS_RIGHT, BLOCK_M, BLOCK_N)
     # The sum over the group's query heads happens here, in a fixed order: no atomics.
     for g in range(GROUP):
         h = hk * GROUP + g                                           # int64
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_dob + h * stride_doh
-        LSEh = LSE + b * stride_lb + h * stride_lh
-        DELTAh = DELTA + b * stride_deb + h * stride_deh
+        Qh = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        DOh = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        LSEh = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
+        DELTAh = DELTA + b * stride_deb + h * stride_deh + q_start * stride_dem
+        slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+        bh = b * (Hkv * GROUP) + h
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
                                       stride_lm, stride_dem,
-                                      offs_n, offs_m, offs_d, d_mask,
-                                      m_start, tl.minimum(m_fast, Tq), Tq, Tk, qk_scale,
-                                      True, CAUSAL, IEEE, DOT_FP32, BLOCK_M)
+                                      offs_n, offs_m, offs_d, d_mask, start, mid_lo,
+                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
+                                      bh, seed, offset, dropout_p,
+                                      True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                      IEEE, DOT_FP32, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
                                       stride_lm, stride_dem,
-                                      offs_n, offs_m, offs_d, d_mask,
-                                      m_fast, Tq, Tq, Tk, qk_scale,
-                                      False, CAUSAL, IEEE, DOT_FP32, BLOCK_M)
+                                      offs_n, offs_m, offs_d, d_mask, mid_lo, mid_hi,
+                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
+                                      bh, seed, offset, dropout_p,
+                                      False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                      IEEE, DOT_FP32, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+                                      stride_qm, stride_qd, stride_dom, stride_dod,
+                                      stride_lm, stride_dem,
+                                      offs_n, offs_m, offs_d, d_mask, mid_hi, end,
+                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
+                                      bh, seed, offset, dropout_p,
+                                      True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                      IEEE, DOT_FP32, BLOCK_M)
 
     dk *= sm_scale
+    if DROPOUT:
+        dv *= 1.0 / (1.0 - dropout_p)
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -398,12 +612,16 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this head's (Tk, D) rows
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's (Tk, D) rows
                        stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_n, offs_d, d_mask, lo, hi, Tq, Tk, qk_scale,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                       DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+                       offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
+                       qk_scale, softcap2, slope2, left, right,
+                       bh, seed, offset, dropout_p,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                       IEEE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add to dq the contributions of the key blocks starting in [lo, hi)."""
+    rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -414,59 +632,75 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this head's (Tk, D
                     mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
-        s = _dot(q, tl.trans(k), IEEE, DOT_FP32) * qk_scale          # (BLOCK_M, BLOCK_N)
+        s, t = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
+                       qk_scale, softcap2, slope2, SOFTCAP, ALIBI)   # (BLOCK_M, BLOCK_N)
         log2_p = s - lse2[:, None]
         if MASKED:
-            # Mask the exponent, not P: hidden entries of rows with L = -inf (they see
-            # no key) would give exp2(+inf), and padded keys exp2(0 - L) may overflow.
-            visible = cols[None, :] < Tk
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + (Tk - Tq))
-            log2_p = tl.where(visible, log2_p, float("-inf"))
+            # Mask the exponent, not x (see _attn_bwd_dkdv_inner).
+            log2_p = tl.where(_visible(rows, cols[None, :], off, left, right, Tk,
+                                       HAS_LEFT, HAS_RIGHT), log2_p, float("-inf"))
         p = tl.exp2(log2_p)
         dp = _dot(do, tl.trans(v), IEEE, DOT_FP32)                   # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
+                          dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(k.dtype), k, IEEE, DOT_FP32)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,      # (B, H, Tq, D)
-    K,      # (B, Hkv, Tk, D)
-    V,      # (B, Hkv, Tk, D)
-    DO,     # (B, H, Tq, D)
-    LSE,    # (B, H, Tq) fp32
-    DELTA,  # (B, H, Tq) fp32
-    DQ,     # (B, H, Tq, D) output
+    Q,       # (B, H, Tq, D); varlen: (1, H, total_q, D), batch stride 0
+    K,       # (B, Hkv, Tk, D); varlen: (1, Hkv, total_k, D)
+    V,       # like K
+    DO,      # like Q
+    LSE,     # (B, H, Tq) fp32; varlen (1, H, total_q)
+    DELTA,   # like LSE
+    DQ,      # like Q, output
+    CU_Q,    # (B + 1,) int32 (VARLEN), else None
+    CU_K,    # (B + 1,) int32 (VARLEN), else None
+    SLOPES,  # (B, H) fp32 (ALIBI), else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     stride_deb, stride_deh, stride_dem,
+    stride_ab, stride_ah,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP,          # query heads; query heads per KV head
-    Tq, Tk,
-    sm_scale, qk_scale,
+    Tq, Tk,            # lengths; with VARLEN the longest ones (they size the grid)
+    sm_scale, qk_scale, softcap2, left, right, dropout_p, seed, offset,
     TQ_KEY, TK_KEY,    # next powers of two of Tq, Tk: autotune key only
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    LSE += b * stride_lb + h * stride_lh
-    DELTA += b * stride_deb + h * stride_deh
-    DQ += b * stride_dqb + h * stride_dqh
-
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
+    k_start, Tk = _sequence(CU_K, b, Tk, VARLEN)
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if m0 >= Tq:   # the sequence is shorter than the longest one
+            return
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh + q_start * stride_qm
+    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
+    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
+    DO += b * stride_dob + h * stride_doh + q_start * stride_dom
+    LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
+    DELTA += b * stride_deb + h * stride_deh + q_start * stride_dem
+    DQ += b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+    slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -477,20 +711,37 @@ def _attn_bwd_dq_kernel(
                 mask=q_mask, other=0.0)                              # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=q_mask, other=0.0)                             # (BLOCK_M, BLOCK_D)
-    # Rows past Tq get L = Δ = 0 and dO = 0, so their dS is 0.
-    lse2 = tl.load(LSE + offs_m * stride_lm, mask=row_ok, other=0.0) * 1.4426950408889634
+    # Rows past Tq get L = +inf (so P = 0), Δ = 0 and dO = 0, so their dS is 0.
+    lse2 = tl.load(LSE + offs_m * stride_lm, mask=row_ok,
+                   other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + offs_m * stride_dem, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    n_fast, n_end = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    off = Tk - Tq
+    bh = b * H + h
+    start, mid_lo, mid_hi, end = _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT,
+                                             HAS_RIGHT, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
                             stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_n, offs_d, d_mask, 0, n_fast, Tq, Tk, qk_scale,
-                            False, CAUSAL, IEEE, DOT_FP32, BLOCK_N)
+                            offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
+                            qk_scale, softcap2, slope2, left, right,
+                            bh, seed, offset, dropout_p,
+                            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                            IEEE, DOT_FP32, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
                             stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_n, offs_d, d_mask, n_fast, n_end, Tq, Tk,
-                            qk_scale, True, CAUSAL, IEEE, DOT_FP32, BLOCK_N)
+                            offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
+                            qk_scale, softcap2, slope2, left, right,
+                            bh, seed, offset, dropout_p,
+                            False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                            IEEE, DOT_FP32, BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
+                            stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
+                            qk_scale, softcap2, slope2, left, right,
+                            bh, seed, offset, dropout_p,
+                            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                            IEEE, DOT_FP32, BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -499,8 +750,11 @@ def _attn_bwd_dq_kernel(
 # ------------------------------------------------------------------------- autotune
 
 # Lengths enter the key as powers of two, so a decoding loop whose Tk grows by one
-# does not retune at every step.
-_AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL"]
+# does not retune at every step. The variant flags enter because they change the work
+# per row (a window) or the registers a tile needs (soft cap, ALiBi, dropout); the
+# window's width and VARLEN do not (the key stays a handful of bools and ints).
+_AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP",
+                 "ALIBI", "DROPOUT"]
 
 
 def _configs(tiles):
@@ -510,8 +764,8 @@ def _configs(tiles):
 
 
 # Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, keyed by (operand bits,
-# head-dim band); the band is BLOCK_D, the head dim rounded up to a power of two (64
-# also serves D < 64). The first tile of each list is the one FASTATTN_AUTOTUNE=0
+# head-dim band); the band is the head dim rounded up to a power of two (64 also serves
+# D < 64). The first tile of each list is the one FASTATTN_AUTOTUNE=0
 # launches: it fits the shared memory of sm_80 (166,912 B per block), sm_90 (232,448 B)
 # and sm_86/89 (101,376 B), and in 16 bits it does not spill registers on sm_90.
 # `fastattn check-kernels` compiles every tile (tests/test_check_kernels.py holds the
@@ -590,25 +844,123 @@ _TILES = _INTERPRET_TILES if INTERPRET else {}
 # ------------------------------------------------------------------------ launchers
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+class _Shape(NamedTuple):
+    """Sizes of one call. Dense: B, Tq, Tk from the (B, H, T, D) tensors. Varlen: B
+    sequences, Tq and Tk the longest lengths (max_seqlen_q/k), which size the grid."""
+    B: int
+    H: int
+    Hkv: int
+    Tq: int
+    Tk: int
+    D: int
+    varlen: bool
+
+
+class _Variant(NamedTuple):
+    """What the kernels need of the call's options, computed once per launcher call."""
+    cu_q: torch.Tensor | None   # (B + 1,) int32, varlen only
+    cu_k: torch.Tensor | None
+    slopes: torch.Tensor | None  # (B, H) fp32 ALiBi slopes
+    slope_strides: tuple
+    scalars: tuple              # qk_scale, softcap2, left, right, dropout_p, seed, offset
+    flags: dict                 # the constexprs
+
+
+def _shape(q: torch.Tensor, k: torch.Tensor, cu_q, cu_k, max_q: int, max_k: int) -> _Shape:
+    if cu_q is None and cu_k is None:
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q, k must be (B, H, T, D) without cu_seqlens, got shapes "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}")
+        B, H, Tq, D = q.shape
+        return _Shape(B, H, k.shape[1], Tq, k.shape[2], D, False)
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor (given with the other "
+                             f"cu_seqlens), got {cu if cu is None else (cu.dtype, cu.dim())}")
+    if cu_q.numel() != cu_k.numel() or cu_q.numel() < 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have B + 1 >= 1 entries "
+                         f"alike, got {cu_q.numel()} and {cu_k.numel()}")
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"varlen q, k must be (total, H, D), got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    for name, m, x in (("max_seqlen_q", max_q, q), ("max_seqlen_k", max_k, k)):
+        if not isinstance(m, int) or m < 0 or (m == 0 and x.shape[0] > 0):
+            raise ValueError(f"{name} must be an int >= the longest sequence (>= 1 when "
+                             f"there are rows), got {m!r}")
+    return _Shape(cu_q.numel() - 1, q.shape[1], k.shape[1], max_q, max_k, q.shape[2], True)
+
+
+def _strides(x: torch.Tensor, varlen: bool) -> tuple:
+    """(batch, head, row, dim) strides of a (B, H, T, D) tensor, or of a varlen
+    (total, H, D) one with batch stride 0 (the kernels add the sequence's start)."""
+    return (0, x.stride(1), x.stride(0), x.stride(2)) if varlen else x.stride()
+
+
+def _row_strides(x: torch.Tensor, varlen: bool) -> tuple:
+    """(batch, head, row) strides of lse or Δ: (B, H, Tq), or varlen (H, total_q)."""
+    return (0, *x.stride()) if varlen else x.stride()
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: _Shape,
                   **others: torch.Tensor) -> None:
     """Safety net for what the kernels cannot serve (the ops layer validates first);
-    ``others`` are further (B, H, T, D) operands whose strides are checked too."""
-    d = q.shape[-1]
-    if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be a multiple of 8 in [{MIN_HEAD_DIM}, "
-                         f"{MAX_HEAD_DIM}], got {d}")
+    ``others`` are further operands laid out like q whose strides are checked too."""
+    if not MIN_HEAD_DIM <= shape.D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
+                         f"got {shape.D}")
     if q.dtype not in ALLOWED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {ALLOWED_DTYPES}, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
-                         f"({k.shape[1]})")
+    if shape.H % shape.Hkv:
+        raise ValueError(f"query heads ({shape.H}) must be a multiple of KV heads "
+                         f"({shape.Hkv})")
     for name, t in {"q": q, "k": k, "v": v, **others}.items():
-        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+        _, _, stride_t, stride_d = _strides(t, shape.varlen)
+        rows = shape.Tk if name in ("k", "v") else shape.Tq
+        span = max(rows - 1, 0) * stride_t + (shape.D - 1) * stride_d
         if span >= 2 ** 31:
-            raise ValueError(f"{name}: one head's rows span {span} elements; the "
-                             f"kernels index inside a head with int32 (< 2**31)")
+            raise ValueError(f"{name}: one sequence's head spans {span} elements; the "
+                             f"kernels index inside it with int32 (< 2**31)")
+
+
+def _variant(q: torch.Tensor, shape: _Shape, causal: bool, scale: float, window,
+             softcap: float, alibi, dropout_p: float, seed: int, offset: int,
+             cu_q, cu_k) -> _Variant:
+    """The kernels' view of the options: causal folded into the window (right = 0),
+    the scale with log2(e) or the soft cap folded in, ALiBi slopes as (B, H)."""
+    left, right = window
+    if not (isinstance(left, int) and isinstance(right, int) and left >= -1
+            and right >= -1):
+        raise ValueError(f"window must be two ints >= -1 (-1: unbounded), got {window!r}")
+    if causal:
+        right = 0
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and not (0 <= seed < 2 ** 63 and 0 <= offset < 2 ** 32):
+        raise ValueError(f"dropout seed must be in [0, 2**63) and offset in [0, 2**32), "
+                         f"got {seed!r}, {offset!r}")
+    slope_strides = (0, 0)
+    if alibi is not None:
+        if alibi.dtype != torch.float32 or alibi.device != q.device:
+            raise ValueError(f"alibi must be float32 on {q.device}, got {alibi.dtype} on "
+                             f"{alibi.device}")
+        if tuple(alibi.shape) not in ((shape.H,), (shape.B, shape.H)):
+            raise ValueError(f"alibi must be ({shape.H},) or ({shape.B}, {shape.H}), got "
+                             f"{tuple(alibi.shape)}")
+        alibi = alibi.expand(shape.B, shape.H)          # (H,): the same for every batch
+        slope_strides = alibi.stride()
+    dot_fp32 = INTERPRET and q.dtype == torch.bfloat16
+    flags = dict(HEAD_DIM=shape.D, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                 SOFTCAP=softcap > 0, ALIBI=alibi is not None, DROPOUT=dropout_p > 0,
+                 VARLEN=shape.varlen, DOT_FP32=dot_fp32,
+                 IEEE=q.dtype == torch.float32 or dot_fp32,
+                 BLOCK_D=max(16, next_pow2(shape.D)), **_TILES)
+    qk_scale = scale / softcap if softcap > 0 else scale * LOG2E
+    scalars = (qk_scale, softcap * LOG2E, max(left, 0), max(right, 0), float(dropout_p),
+               seed, offset)
+    return _Variant(cu_q, cu_k, alibi, slope_strides, scalars, flags)
 
 
 def _flat_grid(T: int, block: str, heads: int):
@@ -617,66 +969,89 @@ def _flat_grid(T: int, block: str, heads: int):
     return lambda meta: (triton.cdiv(T, meta[block]) * heads,)
 
 
-def _flags(q: torch.Tensor, head_dim: int, causal: bool) -> dict:
-    """Constexpr arguments shared by the attention kernels."""
-    dot_fp32 = INTERPRET and q.dtype == torch.bfloat16
-    return dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), DOT_FP32=dot_fp32,
-                IEEE=q.dtype == torch.float32 or dot_fp32,
-                BLOCK_D=next_pow2(head_dim), **_TILES)
-
-
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             scale: float, *, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+             alibi: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
+             offset: int = 0, cu_seqlens_q: torch.Tensor | None = None,
+             cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
+             max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-attention forward.
 
-    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), H % Hkv == 0; any strides; fp16, bf16 or
-    fp32 (all alike). Returns o (B, H, Tq, D), contiguous, q.dtype, and lse
-    (B, H, Tq), float32, the natural-log log-sum-exp of each row's scaled scores
-    (-inf for rows that see no key).
+    Dense: q (B, H, Tq, D); k, v (B, Hkv, Tk, D). Varlen (cu_seqlens_q/k given, int32
+    (B + 1,), cumulative from 0): q (total_q, H, D), k, v (total_k, Hkv, D), sequence b
+    owning rows cu_seqlens[b]:cu_seqlens[b + 1]; max_seqlen_q/k bound the lengths. Any
+    strides; H % Hkv == 0; fp16, bf16 or fp32 (all alike); D in [1, 256].
+
+    window (left, right), -1 unbounded, and causal (right = 0) pick the visible keys;
+    softcap > 0 caps the scores at ±softcap by tanh; alibi (B, H) or (H,) fp32 slopes
+    subtract slope·|i + Tk − Tq − j|; dropout_p > 0 drops P with the Philox stream
+    (seed, offset). See the module docstring for the exact formulas.
+
+    Returns o, contiguous, q.dtype, shaped like q, and lse float32, the natural-log
+    log-sum-exp of each row's scores (-inf for rows that see no key): (B, H, Tq), or
+    (H, total_q) in varlen.
     """
-    _check_inputs(q, k, v)
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    o = _empty((B, H, Tq, D), q.dtype, q.device)
-    lse = _empty((B, H, Tq), torch.float32, q.device)
-    launch(_attn_fwd(q.dtype, D))[_flat_grid(Tq, "BLOCK_M", B * H)](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
-        H, H // Hkv, Tq, Tk, scale * LOG2E, next_pow2(Tq), next_pow2(Tk),
-        **_flags(q, D, causal))
+    shape = _shape(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_inputs(q, k, v, shape)
+    var = _variant(q, shape, causal, scale, window, softcap, alibi, dropout_p, seed,
+                   offset, cu_seqlens_q, cu_seqlens_k)
+    o = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((shape.H, q.shape[0]) if shape.varlen else q.shape[:3], torch.float32,
+                 q.device)
+    vl = shape.varlen
+    launch(_attn_fwd(q.dtype, shape.D))[_flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)](
+        q, k, v, o, lse, var.cu_q, var.cu_k, var.slopes,
+        *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(o, vl),
+        *_row_strides(lse, vl), *var.slope_strides,
+        shape.H, shape.H // shape.Hkv, shape.Tq, shape.Tk, *var.scalars,
+        next_pow2(shape.Tq), next_pow2(shape.Tk), **var.flags)
     return o, lse
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, *,
+             window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+             alibi: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
+             offset: int = 0, cu_seqlens_q: torch.Tensor | None = None,
+             cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
+             max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash-attention backward.
 
-    do, o: (B, H, Tq, D), any strides; q, k, v as for ``attn_fwd``; lse as returned
-    by ``attn_fwd``. Returns dq (B, H, Tq, D) and dk, dv (B, Hkv, Tk, D), contiguous,
-    in the input dtype. Deterministic: dk/dv sum the query heads of each KV group
-    inside one program, without atomics.
+    do, o: shaped like q, any strides; q, k, v and the keywords as for ``attn_fwd``
+    (the same values: dropout replays its mask from seed and offset); lse as returned by
+    ``attn_fwd``. Returns dq shaped like q and dk, dv shaped like k, contiguous, in the
+    input dtype. Deterministic: dk/dv sum the query heads of each KV group inside one
+    program, without atomics.
     """
-    _check_inputs(q, k, v, do=do, o=o)
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    delta = _empty((B, H, Tq), torch.float32, q.device)
-    dq = _empty((B, H, Tq, D), q.dtype, q.device)
-    dk = _empty((B, Hkv, Tk, D), q.dtype, q.device)
-    dv = _empty((B, Hkv, Tk, D), q.dtype, q.device)
-    flags = _flags(q, D, causal)
+    shape = _shape(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_inputs(q, k, v, shape, do=do, o=o)
+    var = _variant(q, shape, causal, scale, window, softcap, alibi, dropout_p, seed,
+                   offset, cu_seqlens_q, cu_seqlens_k)
+    vl = shape.varlen
+    delta = _empty(lse.shape, torch.float32, q.device)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, q.dtype, q.device)
+    dv = _empty(k.shape, q.dtype, q.device)
 
-    launch(_attn_bwd_delta_kernel)[_flat_grid(Tq, "BLOCK_M", B * H)](
-        o, do, delta, *o.stride(), *do.stride(), *delta.stride(), H, Tq,
-        HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=flags["BLOCK_D"])
+    # Δ is row by row: a varlen batch is one sequence of total_q rows.
+    rows, batch = (q.shape[0], 1) if vl else (shape.Tq, shape.B)
+    launch(_attn_bwd_delta_kernel)[_flat_grid(rows, "BLOCK_M", batch * shape.H)](
+        o, do, delta, *_strides(o, vl), *_strides(do, vl), *_row_strides(delta, vl),
+        shape.H, rows, HEAD_DIM=shape.D, BLOCK_M=_DELTA_BLOCK_M,
+        BLOCK_D=var.flags["BLOCK_D"])
 
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-               *delta.stride())
-    lengths = (Tq, Tk, scale, scale * LOG2E, next_pow2(Tq), next_pow2(Tk))
-    launch(_attn_bwd_dkdv(q.dtype, D))[_flat_grid(Tk, "BLOCK_N", B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
-        Hkv, H // Hkv, *lengths, **flags)
-    launch(_attn_bwd_dq(q.dtype, D))[_flat_grid(Tq, "BLOCK_M", B * H)](
-        q, k, v, do, lse, delta, dq, *strides, *dq.stride(),
-        H, H // Hkv, *lengths, **flags)
+    operands = (q, k, v, do, lse, delta)
+    pointers = (var.cu_q, var.cu_k, var.slopes)
+    strides = (*_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(do, vl),
+               *_row_strides(lse, vl), *_row_strides(delta, vl), *var.slope_strides)
+    scalars = (shape.Tq, shape.Tk, scale, *var.scalars, next_pow2(shape.Tq),
+               next_pow2(shape.Tk))
+    group = shape.H // shape.Hkv
+    launch(_attn_bwd_dkdv(q.dtype, shape.D))[
+        _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
+        *operands, dk, dv, *pointers, *strides, *_strides(dk, vl), *_strides(dv, vl),
+        shape.Hkv, group, *scalars, **var.flags)
+    launch(_attn_bwd_dq(q.dtype, shape.D))[_flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)](
+        *operands, dq, *pointers, *strides, *_strides(dq, vl),
+        shape.H, group, *scalars, **var.flags)
     return dq, dk, dv

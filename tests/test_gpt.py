@@ -268,7 +268,7 @@ def test_block_size_exceeded(attention):
 @pytest.mark.parametrize("kwargs, match", [
     ({"attention": "flash"}, r"attention must be one of \('fast', 'naive'\), got 'flash'"),
     ({"n_embd": 64, "n_head": 3}, "n_head must divide n_embd=64, got 3"),
-    ({"n_embd": 48, "n_head": 4}, "head dim n_embd / n_head = 48 / 4 = 12 must be"),
+    ({"n_embd": 1040, "n_head": 4}, "head dim n_embd / n_head = 1040 / 4 = 260 must be"),
     ({"n_kv_head": 3}, "n_kv_head must be a positive divisor of n_head=4, got 3"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
     ({"n_layer": 0}, "n_layer must be a positive integer, got 0"),

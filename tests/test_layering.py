@@ -16,7 +16,7 @@ LAYERS = {
     "fastattn.reference": 2, "fastattn._warnings": 2, "fastattn.backends": 2,
     "fastattn.ext": 2, "fastattn._ext_build": 2, "fastattn._C": 2,   # _C: the built extension
     "fastattn.ops": 3,
-    "fastattn.nn": 4, "fastattn.functional": 4,
+    "fastattn.nn": 4, "fastattn.functional": 4, "fastattn.flash_attn_interface": 4,
     "fastattn._swap": 5, "fastattn.integrations": 5, "fastattn.models": 5,
     "fastattn.train": 5, "fastattn.sample": 5, "fastattn.data": 5,
     "fastattn": 5,                                     # the package's public API

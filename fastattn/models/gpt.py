@@ -210,13 +210,16 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def _hidden(self, idx: Tensor, caches: list[fnn.KVCache] | None = None,
-                start: int = 0) -> Tensor:
-        """Token ids (B, T) at positions start.. -> final-LayerNorm output (B, T, C)."""
+                pos: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) at positions ``pos`` ((T,) or (B, T); default 0..T-1) ->
+        final-LayerNorm output (B, T, C)."""
         t = idx.shape[1]
-        if start + t > self.config.block_size:
-            raise ValueError(f"sequence length {start + t} exceeds the model's block_size "
-                             f"{self.config.block_size} (its number of position embeddings)")
-        pos = torch.arange(start, start + t, device=idx.device)
+        if pos is None:
+            if t > self.config.block_size:
+                raise ValueError(f"sequence length {t} exceeds the model's block_size "
+                                 f"{self.config.block_size} (its number of position "
+                                 "embeddings)")
+            pos = torch.arange(t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))                  # (B, T, C)
         recompute = self.config.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -242,10 +245,13 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------- generation
 
-    def make_caches(self, batch: int, max_len: int, device, dtype) -> list[fnn.KVCache]:
+    def make_caches(self, batch: int, max_len: int, device, dtype,
+                    start: Tensor | None = None) -> list[fnn.KVCache]:
+        """One preallocated ``KVCache`` per layer; ``start`` (B,): each row's first real
+        position (left padding)."""
         c = self.config
-        return [fnn.KVCache(batch, c.kv_heads, max_len, c.head_dim, device=device, dtype=dtype)
-                for _ in range(c.n_layer)]
+        return [fnn.KVCache(batch, c.kv_heads, max_len, c.head_dim, device=device, dtype=dtype,
+                            start=start) for _ in range(c.n_layer)]
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         if torch.is_autocast_enabled(device.type):
@@ -256,7 +262,9 @@ class GPT(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, eos: int | None = None,
-                 seed: int | None = None, use_cache: bool = True) -> Tensor:
+                 seed: int | None = None, use_cache: bool = True,
+                 prompt_lengths: Tensor | list[int] | None = None,
+                 compile: bool = False) -> Tensor:
         """Continue each row of ``idx`` (B, T0) by up to ``max_new_tokens`` tokens.
 
         Each step: repetition penalty over all tokens so far (prompt included), then
@@ -271,6 +279,20 @@ class GPT(nn.Module):
         ``use_cache=False`` does every step, so both give the same tokens. The naive
         model runs the same cache with its textbook attention (a 1 × L score row).
 
+        ``prompt_lengths`` (B,): prompts of different lengths, left-padded in ``idx``:
+        row b's prompt is its last ``prompt_lengths[b]`` tokens. The pad positions stay
+        in the cache but are never attended (``KVCache.start``), positions count from
+        each row's first real token, and the repetition penalty ignores the pads, so
+        each row gets the tokens it would get alone. Needs ``use_cache`` and the fast
+        model.
+
+        ``compile``: run the one-token decoding step through ``torch.compile`` with
+        static shapes (a (B, 1) token and its positions against the preallocated cache;
+        the cache attention itself runs eagerly between the compiled parts, see
+        ``KVCache.attend``); on CUDA with CUDA graphs (mode ``"reduce-overhead"``), as
+        gpt-fast does. The first call compiles (seconds to a minute); the tokens are the
+        same as without it.
+
         ``eos``: a row that emits it is finished, and is padded with ``eos`` while others
         go on; generation stops early when every row is finished.
         Returns (B, T0 + n) with n <= max_new_tokens. Leaves the model's mode as it was.
@@ -281,24 +303,64 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached decoding step: it needs "
+                             "use_cache=True")
+        pads = self._pads(idx, prompt_lengths, use_cache)
         was_training = self.training
         self.eval()
         try:
             return self._generate(idx, max_new_tokens, temperature, top_k, top_p,
-                                  repetition_penalty, eos, seed, use_cache)
+                                  repetition_penalty, eos, seed, use_cache, pads, compile)
         finally:
             self.train(was_training)
 
+    def _pads(self, idx: Tensor, prompt_lengths, use_cache: bool) -> Tensor | None:
+        """Left-padding of each row, (B,) int64, from ``prompt_lengths``; None without."""
+        if prompt_lengths is None:
+            return None
+        lengths = torch.as_tensor(prompt_lengths, device=idx.device)
+        b, t0 = idx.shape
+        if lengths.shape != (b,) or lengths.is_floating_point():
+            raise ValueError(f"prompt_lengths must be {b} integers (one per row of idx), got "
+                             f"{prompt_lengths!r}")
+        if bool(((lengths < 1) | (lengths > t0)).any()):
+            raise ValueError(f"prompt_lengths must be in [1, {t0}] (idx's length), got "
+                             f"{lengths.tolist()}")
+        if not use_cache or self.config.attention != "fast":
+            raise ValueError("prompt_lengths (left-padded prompts) is served by the fast "
+                             "model's KV cache: pass use_cache=True and use attention='fast'")
+        return t0 - lengths.long()
+
+    def _decode_step(self, token: Tensor, pos: Tensor, caches: list[fnn.KVCache]) -> Tensor:
+        """One decoding step: token (B, 1) at positions pos ((1,) or (B, 1)) against the
+        caches -> next-token logits (B, V) in float32."""
+        return self.lm_head(self._hidden(token, caches, pos)[:, -1]).float()
+
+    def _compiled_decode_step(self, device: torch.device):
+        """``_decode_step`` through ``torch.compile`` (made once per model and device
+        type): static shapes, CUDA graphs on CUDA."""
+        steps = self.__dict__.setdefault("_compiled_steps", {})
+        if device.type not in steps:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            steps[device.type] = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        return steps[device.type]
+
     def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                  eos, seed, use_cache) -> Tensor:
+                  eos, seed, use_cache, pads, compile) -> Tensor:
         bs = self.config.block_size
         gen = None if seed is None else torch.Generator(idx.device).manual_seed(seed)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        step = self._compiled_decode_step(idx.device) if compile else self._decode_step
         caches = None
         out = idx
         for _ in range(max_new_tokens):
+            window = out[:, -bs:]
+            # Left padding inside the window: the columns before each row's first token.
+            pad = None if pads is None else (pads - (out.shape[1] - window.shape[1])).clamp(
+                min=0)
             if not use_cache:
-                h = self._hidden(out[:, -bs:])
+                logits = self.lm_head(self._hidden(window)[:, -1]).float()
             elif caches is None or caches[0].length == bs:
                 # Prefill, or the window slid: recompute the last block_size tokens.
                 if caches is None:
@@ -306,11 +368,14 @@ class GPT(nn.Module):
                                               self._compute_dtype(out.device))
                 for cache in caches:
                     cache.reset()
-                h = self._hidden(out[:, -bs:], caches)
+                    cache.start = None if pad is None else pad.to(torch.int32)
+                pos = _positions(0, window.shape[1], pad, out.device)
+                logits = self.lm_head(self._hidden(window, caches, pos)[:, -1]).float()
             else:
-                h = self._hidden(out[:, -1:], caches, start=caches[0].length)
-            logits = self.lm_head(h[:, -1]).float()                   # (B, V)
-            nxt = next_token(logits, out, temperature, top_k, top_p,
+                logits = step(out[:, -1:], _positions(caches[0].length, 1, pad, out.device),
+                              caches)                                 # (B, V)
+            seen = out if pads is None or repetition_penalty == 1.0 else _real(out, pads)
+            nxt = next_token(logits, seen, temperature, top_k, top_p,
                              repetition_penalty, gen)                 # (B,)
             if eos is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
@@ -382,6 +447,21 @@ class GPT(nn.Module):
         if peak_flops <= 0:
             raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+
+def _positions(first: int, n: int, pad: Tensor | None, device: torch.device) -> Tensor:
+    """Position ids of the cache columns first .. first + n - 1: (n,), or (B, n) counted
+    from each row's first real token with left padding ``pad`` (B,) (pads get 0)."""
+    cols = torch.arange(first, first + n, device=device)
+    return cols if pad is None else (cols[None, :] - pad[:, None]).clamp(min=0)
+
+
+def _real(tokens: Tensor, pads: Tensor) -> Tensor:
+    """tokens (B, L) with each row's left padding replaced by its first real token, so
+    that a repetition penalty counts only real tokens (it counts each id once)."""
+    cols = torch.arange(tokens.shape[1], device=tokens.device)
+    first = tokens.gather(1, pads[:, None])                           # (B, 1)
+    return torch.where(cols[None, :] < pads[:, None], first, tokens)
 
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "NaiveBlock", "NaiveCausalSelfAttention", "NaiveMLP",

@@ -2,6 +2,8 @@
 value and what is allowed."""
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,14 @@ def check_param(name: str, t: object, input: Tensor, shape: tuple[int, ...],
                         f"got {t.dtype}")
     if t.device != input.device:
         raise ValueError(f"{name} must be on input's device {input.device}, got {t.device}")
+
+
+def plain_param(t: Optional[Tensor], shape: Union[int, torch.Size], input: Tensor) -> bool:
+    """Whether ``t`` is absent or a tensor of ``shape`` (an int: (shape,)) in input's
+    dtype on input's device: the common case, which needs no ``check_param``. Cheap
+    (a few attribute reads), for the entry points' fast path."""
+    if t is None:
+        return True
+    if not isinstance(t, Tensor) or t.dtype is not input.dtype or t.device != input.device:
+        return False
+    return t.shape == shape if type(shape) is torch.Size else t.shape == (shape,)

@@ -2,17 +2,24 @@
 
 ``gelu(input, approximate)`` has ``F.gelu``'s signature; ``bias_gelu(input, bias,
 approximate)`` is ``gelu(input + bias)`` in one pass (the MLP's ``Linear`` bias fused into
-its activation). Both validate once, view the input as (rows, last dim), pick a backend
-(``triton`` on CUDA, ``torch`` on CPU, or the one forced by ``use_backend``) and call the
-forward op, whose registered autograd formula calls the backward op.
+its activation). Both validate their inputs (a few cheap tests for the everyday call,
+``validate`` for anything else), pick a backend (``triton`` on CUDA, ``torch`` on CPU, or
+the one forced by ``use_backend``) and call the forward op, whose registered autograd
+formula calls the backward op. In plain eager mode the op's function runs directly
+(``fastattn.ops._custom_op``).
 
-Op semantics (the same for every backend, and for ``torch.ops.fastattn_ext``):
+Op semantics (the same for every backend):
 
-* ``gelu_fwd(x, bias?, approximate, backend) -> y``: x (M, N), bias (N,);
-  ``y = gelu(x + bias)`` in x's dtype, ``approximate`` ``"none"`` (erf) or ``"tanh"``.
+* ``gelu_fwd(x, bias?, approximate, backend) -> y``: x (..., N) any strides, bias (N,);
+  ``y = gelu(x + bias)``, contiguous, in x's dtype; ``approximate`` ``"none"`` (erf) or
+  ``"tanh"``.
 * ``gelu_bwd(dy, x, bias?, approximate, backend) -> (dx, dbias)``:
-  ``dx = dy · gelu'(x + bias)`` in x's dtype; ``dbias = Σ_rows dx`` (N,) in bias's dtype,
-  an empty (0,) tensor without bias.
+  ``dx = dy · gelu'(x + bias)`` (x's shape, contiguous) in x's dtype; ``dbias = Σ_rows dx``
+  (N,) in bias's dtype, an empty (0,) tensor without bias.
+
+The torch backend works on x as it comes; the Triton and C++ kernels
+(``torch.ops.fastattn_ext.gelu_*``) take x as (M, N) rows with a unit-stride last dim,
+which the op forms (a view when the strides allow it).
 
 Dtypes: input float16, bfloat16 or float32; bias in input's dtype or float32. Any number
 of elements, zero included (GELU is elementwise).
@@ -30,7 +37,7 @@ from fastattn import backends
 from fastattn import reference
 from fastattn.ops import registry
 from fastattn.ops._custom_op import kernel_op
-from fastattn.ops._validation import check_param
+from fastattn.ops._validation import check_param, plain_param
 
 OP = "gelu"
 BACKENDS = ("triton", "ext", "torch")
@@ -47,14 +54,31 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _dense(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., N) -> (M, N) with a unit-stride last dim, as the Triton and C++ kernels take
+    it (a 0-dim tensor is one 1-wide row); a view when the strides allow it."""
+    n = t.shape[-1] if t.dim() > 0 else 1
+    rows = t.reshape(math.prod(t.shape[:-1]), n)      # not -1: N may be 0
+    return rows if rows.shape[-1] == 1 or rows.stride(-1) == 1 else rows.contiguous()
+
+
 @kernel_op("fastattn::gelu_fwd")
 def _fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    if backend == "torch":
+        # A contiguous x gives a contiguous y, computed in the same order (bitwise the
+        # same values) whatever x's layout.
+        x = _dense(x)
+        y = F.gelu(x if bias is None else x + bias, approximate=approximate)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     if backend == "triton":
-        return _triton_kernels().gelu_fwd(x, bias, approximate)
-    if backend == "ext":
-        return torch.ops.fastattn_ext.gelu_fwd(x.contiguous(), _contig(bias), approximate)
-    z = x if bias is None else x + bias
-    return F.gelu(z, approximate=approximate).to(x.dtype)
+        y = _triton_kernels().gelu_fwd(_rows(x), _contig(bias), approximate)
+    else:
+        y = torch.ops.fastattn_ext.gelu_fwd(_rows(x).contiguous(), _contig(bias), approximate)
+    return y.view(x.shape)
 
 
 @_fwd.register_fake
@@ -65,17 +89,28 @@ def _(x, bias, approximate, backend):
 @kernel_op("fastattn::gelu_bwd")
 def _bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
          backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_bwd(dy, x, bias, approximate)
     if backend == "triton":
-        dx, db = _triton_kernels().gelu_bwd(dy, x, bias, approximate)
-        return dx, (x.new_empty(0) if db is None else db)
-    if backend == "ext":
-        return torch.ops.fastattn_ext.gelu_bwd(dy.contiguous(), x.contiguous(),
-                                                    _contig(bias), approximate)
+        dx, db = _triton_kernels().gelu_bwd(_rows(dy), _rows(x), _contig(bias), approximate)
+        db = x.new_empty(0) if db is None else db
+    else:
+        dx, db = torch.ops.fastattn_ext.gelu_bwd(_rows(dy).contiguous(), _rows(x).contiguous(),
+                                                  _contig(bias), approximate)
+    return dx.view(x.shape), db
+
+
+def _torch_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str
+               ) -> tuple[Tensor, Tensor]:
+    x, dy = _dense(x), _dense(dy)
     z = x if bias is None else x + bias
-    dz = torch.ops.aten.gelu_backward(dy.to(z.dtype), z, approximate=approximate)
+    dz = torch.ops.aten.gelu_backward(dy if dy.dtype == z.dtype else dy.to(z.dtype), z,
+                                      approximate=approximate)
+    dx = dz if dz.dtype == x.dtype else dz.to(x.dtype)
     if bias is None:
-        return dz.to(x.dtype), x.new_empty(0)
-    return dz.to(x.dtype), dz.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+        return dx, x.new_empty(0)
+    db = dz.reshape(-1, dz.shape[-1]).sum(dim=0, dtype=torch.float32)
+    return dx, (db if db.dtype == bias.dtype else db.to(bias.dtype))
 
 
 @_bwd.register_fake
@@ -86,15 +121,13 @@ def _(dy, x, bias, approximate, backend):
 
 def _setup_context(ctx, inputs, output):
     x, bias, approximate, backend = inputs
-    if any(ctx.needs_input_grad[:2]):
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         ctx.save_for_backward(x, bias)
     ctx.approximate, ctx.backend = approximate, backend
 
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    if dy.shape[-1] != 1 and dy.stride(-1) != 1:  # the kernels need unit column stride
-        dy = dy.contiguous()
     dx, db = _bwd(dy, x, bias, ctx.approximate, ctx.backend)
     need = ctx.needs_input_grad
     return dx if need[0] else None, db if need[1] else None, None, None
@@ -119,18 +152,19 @@ def validate(input: Tensor, bias: Optional[Tensor], approximate: str) -> None:
     check_param("bias", bias, input, (input.shape[-1],), "input's last dim")
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """(..., N) -> (M, N) with a unit-stride last dim; a view when the strides allow it."""
-    n = t.shape[-1] if t.dim() > 0 else 1
-    rows = t.reshape(math.prod(t.shape[:-1]), n)
-    return rows if n == 1 or rows.stride(-1) == 1 else rows.contiguous()
+def _plain_call(input: Tensor, bias: Optional[Tensor], approximate: str) -> bool:
+    """Whether this is the everyday call that ``validate`` would pass, decided with a few
+    cheap tests (bias absent or (N,) in input's dtype on its device); anything else goes
+    through ``validate``."""
+    return (isinstance(input, Tensor) and input.dtype in DTYPES and approximate in APPROXIMATE
+            and (bias is None or (input.dim() > 0 and plain_param(bias, input.shape[-1], input))))
 
 
 def _bias_gelu(input: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
-    validate(input, bias, approximate)
+    if not _plain_call(input, bias, approximate):
+        validate(input, bias, approximate)
     backend = backends.resolve(OP, input.device, BACKENDS)
-    b = None if bias is None else bias.contiguous()
-    return _fwd(_as_rows(input), b, approximate, backend).view(input.shape)
+    return _fwd(input, bias, approximate, backend)
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:

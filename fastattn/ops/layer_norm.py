@@ -2,22 +2,30 @@
 
 ``layer_norm`` and ``rms_norm`` have ``F.layer_norm`` / ``F.rms_norm``'s signatures plus
 a fused residual add (``residual=``, ``return_residual=``). They validate their inputs
-once, flatten them to (rows, normalised width), pick a backend (``triton`` on CUDA,
-``torch`` on CPU, or the one forced by ``use_backend``) and call the forward op, whose
-registered autograd formula calls the backward op. The backend name is an argument of
-both ops, so a compiled graph records which one ran.
+(a few cheap tests for the everyday call, ``validate`` for anything else), flatten
+several normalised dims into one, pick a backend (``triton`` on CUDA, ``torch`` on CPU,
+or the one forced by ``use_backend``) and call the forward op, whose registered autograd
+formula calls the backward op. In plain eager mode the op's function runs directly
+(``fastattn.ops._custom_op``). The backend name is an argument of both ops, so a
+compiled graph records which one ran.
 
-Op semantics (the same for every backend, and for ``torch.ops.fastattn_ext``):
+Op semantics (the same for every backend), normalising over the last dim N:
 
 * ``layer_norm_fwd(x, weight?, bias?, residual?, eps, rms_norm, backend)
-  -> (y, residual_out, mean, rstd)``: x (M, N); ``h = x + residual`` (rounded to x's
-  dtype), ``y = norm(h) ⊙ weight + bias`` in x's dtype; ``residual_out`` = h, or an empty
-  (0,) tensor without residual; ``mean`` (M,) fp32, empty (0,) for RMSNorm; ``rstd`` (M,)
-  fp32. RMSNorm also adds a bias when one is given (the public ``rms_norm`` passes none).
+  -> (y, residual_out, mean, rstd)``: x (..., N) any strides; ``h = x + residual``
+  (rounded to x's dtype), ``y = norm(h) ⊙ weight + bias`` in x's dtype, contiguous;
+  ``residual_out`` = h (contiguous), or an empty (0,) tensor without residual; ``mean``
+  (..., 1) fp32, empty (0,) for RMSNorm; ``rstd`` (..., 1) fp32 (the statistics keep
+  their last dim, as ``torch.native_layer_norm``'s do). RMSNorm also adds a bias when one
+  is given (the public ``rms_norm`` passes none).
 * ``layer_norm_bwd(dy, h, weight?, mean, rstd, dresidual_out?, has_bias, rms_norm,
-  backend) -> (dx, dweight, dbias)``: dx (M, N) in h's dtype, the LayerNorm gradient plus
-  ``dresidual_out`` (so also the residual's gradient); dweight (N,) in weight's dtype;
-  dbias (N,) in weight's dtype, or h's without weight; absent ones are empty (0,).
+  backend) -> (dx, dweight, dbias)``: dx (h's shape) in h's dtype, the LayerNorm gradient
+  plus ``dresidual_out`` (so also the residual's gradient); dweight (N,) in weight's
+  dtype; dbias (N,) in weight's dtype, or h's without weight; absent ones are empty (0,).
+
+The torch backend works on x as it comes; the Triton and C++ kernels
+(``torch.ops.fastattn_ext.layer_norm_*``) take (M, N) rows with a unit-stride last dim and
+(M,) statistics, which the op forms (views when the strides allow it).
 
 Dtypes: input float16, bfloat16 or float32. weight and bias are either in the input's
 dtype or float32 (fp32 master weights with a low-precision activation, as in mixed
@@ -38,7 +46,7 @@ from fastattn import backends
 from fastattn import reference
 from fastattn.ops import registry
 from fastattn.ops._custom_op import kernel_op
-from fastattn.ops._validation import check_param
+from fastattn.ops._validation import check_param, plain_param
 
 OP = "layer_norm"
 BACKENDS = ("triton", "ext", "torch")
@@ -62,6 +70,16 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """(..., N) -> (M, N) with a unit-stride last dim, as the Triton and C++ kernels take
+    it; a view when the strides allow it."""
+    return None if t is None else _unit_last_stride(t.reshape(-1, t.shape[-1]))
+
+
+def _stats_shape(x: Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], 1)
+
+
 # ------------------------------------------------------------------------------- ops
 
 
@@ -69,50 +87,55 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
          residual: Optional[Tensor], eps: float, rms_norm: bool,
          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_fwd(x, weight, bias, residual, eps, rms_norm)
+    # The kernels take rows: (M, N) in, (M, N) and (M,) out.
+    rows, r = _rows(x), _rows(residual)
     if backend == "triton":
-        y, h, mean, rstd = _triton_kernels().layer_norm_fwd(x, weight, bias, residual, eps,
-                                                             rms_norm)
-        return (y, _absent(x) if h is None else h,
-                _absent(rstd) if mean is None else mean, rstd)
-    if backend == "ext":
+        y, h, mean, rstd = _triton_kernels().layer_norm_fwd(
+            rows, _contig(weight), _contig(bias), r, eps, rms_norm)
+    else:
         y, h, mean, rstd = torch.ops.fastattn_ext.layer_norm_fwd(
-            x.contiguous(), _contig(weight), _contig(bias), _contig(residual), eps, rms_norm)
-        return y, h, mean, rstd
-    return _torch_fwd(x, weight, bias, residual, eps, rms_norm)
+            rows.contiguous(), _contig(weight), _contig(bias), _contig(r), eps, rms_norm)
+    stats = _stats_shape(x)
+    return (y.view(x.shape), _absent(x) if residual is None else h.view(x.shape),
+            _absent(rstd) if rms_norm else mean.view(stats), rstd.view(stats))
 
 
 @_fwd.register_fake
 def _(x, weight, bias, residual, eps, rms_norm, backend):
-    m, n = x.shape
-    h = x.new_empty(m, n) if residual is not None else _absent(x)
-    mean = x.new_empty(0 if rms_norm else m, dtype=torch.float32)
-    return x.new_empty(m, n), h, mean, x.new_empty(m, dtype=torch.float32)
+    h = x.new_empty(x.shape) if residual is not None else _absent(x)
+    mean = x.new_empty(0 if rms_norm else _stats_shape(x), dtype=torch.float32)
+    return x.new_empty(x.shape), h, mean, x.new_empty(_stats_shape(x), dtype=torch.float32)
 
 
 @kernel_op("fastattn::layer_norm_bwd")
 def _bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
          dresidual_out: Optional[Tensor], has_bias: bool, rms_norm: bool,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm)
+    rows, dy_rows, dres = _rows(h), _rows(dy), _rows(dresidual_out)
+    mean, rstd = (None if rms_norm else mean.view(-1)), rstd.view(-1)
     if backend == "triton":
         dx, dw, db = _triton_kernels().layer_norm_bwd(
-            dy, h, weight, None if rms_norm else mean, rstd, dresidual_out, has_bias, rms_norm)
-        return (dx, _absent(h) if dw is None else dw,
-                _absent(h, _dbias_dtype(h, weight)) if db is None else db)
-    if backend == "ext":
+            dy_rows, rows, _contig(weight), mean, rstd, dres, has_bias, rms_norm)
+        dw = _absent(h) if dw is None else dw
+        db = _absent(h, _dbias_dtype(h, weight)) if db is None else db
+    else:
         dx, dw, db = torch.ops.fastattn_ext.layer_norm_bwd(
-            dy.contiguous(), h.contiguous(), _contig(weight), mean, rstd,
-            _contig(dresidual_out), has_bias, rms_norm)
-        return dx, dw, db
-    return _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm)
+            dy_rows.contiguous(), rows.contiguous(), _contig(weight),
+            _absent(rstd) if mean is None else mean, rstd, _contig(dres), has_bias, rms_norm)
+    return dx.view(h.shape), dw, db
 
 
 @_bwd.register_fake
 def _(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm, backend):
-    m, n = h.shape
+    n = h.shape[-1]
     dw = h.new_empty(n, dtype=weight.dtype) if weight is not None else _absent(h)
     db_dtype = _dbias_dtype(h, weight)
     db = h.new_empty(n, dtype=db_dtype) if has_bias else _absent(h, db_dtype)
-    return h.new_empty(m, n), dw, db
+    return h.new_empty(h.shape), dw, db
 
 
 def _dbias_dtype(h: Tensor, weight: Optional[Tensor]) -> torch.dtype:
@@ -125,10 +148,10 @@ def _setup_context(ctx, inputs, output):
     need = ctx.needs_input_grad
     # dbias alone needs only dy; h, mean and rstd serve every other gradient, and the
     # weight serves dx, dresidual and dweight.
-    if any(need[:4]):
-        keep_weight = need[0] or need[1] or need[3]
-        ctx.save_for_backward(x if residual is None else h, weight if keep_weight else None,
-                              mean, rstd)
+    if need[0] or need[1] or need[3]:
+        ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
+    elif need[2]:
+        ctx.save_for_backward(x if residual is None else h, None, mean, rstd)
     ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.rms_norm, ctx.backend = rms_norm, backend
@@ -138,15 +161,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dresidual_out, dmean, drstd):
     # mean and rstd are saved statistics: they carry no gradient.
     h, weight, mean, rstd = ctx.saved_tensors
-    dy = torch.zeros_like(h) if dy is None else _unit_last_stride(dy)
-    if dresidual_out is not None:
-        dresidual_out = _unit_last_stride(dresidual_out) if ctx.has_residual else None
+    if dy is None:
+        dy = torch.zeros_like(h)
+    if dresidual_out is not None and not ctx.has_residual:
+        dresidual_out = None
     dx, dw, db = _bwd(dy, h, weight, mean, rstd, dresidual_out, ctx.has_bias, ctx.rms_norm,
                       ctx.backend)
     need = ctx.needs_input_grad
-    return (dx if need[0] else None, dw if need[1] else None,
-            db.to(ctx.bias_dtype) if need[2] else None, dx if need[3] else None,
-            None, None, None)
+    if need[2] and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+            dx if need[3] else None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -164,7 +189,7 @@ def _native_params(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     parameters there is nothing to promote. On CUDA the statistics are always fp32, but
     the parameters must have the input's dtype.
     """
-    if h.dtype == torch.float32:
+    if h.dtype is torch.float32:
         return h, weight, bias
     params = [t for t in (weight, bias) if t is not None]
     if h.device.type == "cpu":
@@ -177,13 +202,19 @@ def _native_params(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     return None
 
 
+def _dense(t: Tensor) -> Tensor:
+    """t, or a contiguous copy: the outputs are contiguous, as the fake ones are."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _torch_fwd(x, weight, bias, residual, eps, rms_norm):
-    m, n = x.shape
-    h = x if residual is None else x + residual
+    # Works on (..., N) as it comes: no reshape, statistics (..., 1) as
+    # native_layer_norm returns them. Conversions only where a dtype differs.
+    h = x if residual is None else _dense(x + residual)
     if rms_norm:
-        hf = h.float()
-        rstd = torch.rsqrt(hf.square().mean(dim=1) + eps)
-        y = hf * rstd[:, None]
+        hf = _dense(h.float())
+        rstd = torch.rsqrt(hf.square().mean(dim=-1, keepdim=True) + eps)
+        y = hf * rstd
         if weight is not None:
             y = y * weight.float()
         if bias is not None:
@@ -192,19 +223,22 @@ def _torch_fwd(x, weight, bias, residual, eps, rms_norm):
     else:
         native = _native_params(h, weight, bias)
         hn, wn, bn = (h.float(), _f32(weight), _f32(bias)) if native is None else native
-        y, mean, rstd = torch.native_layer_norm(hn, [n], wn, bn, eps)
-        mean, rstd = mean.view(m).float(), rstd.view(m).float()
-    return y.to(x.dtype), (_absent(x) if residual is None else h), mean, rstd
+        y, mean, rstd = torch.native_layer_norm(hn, [x.shape[-1]], wn, bn, eps)
+        if mean.dtype != torch.float32:
+            mean, rstd = mean.float(), rstd.float()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y, (_absent(x) if residual is None else h), mean, rstd
 
 
 def _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm):
-    m, n = h.shape
+    n = h.shape[-1]
     if rms_norm:
         dyf = dy.float()
-        xhat = h.float() * rstd[:, None]
+        xhat = h.float() * rstd
         g = dyf if weight is None else dyf * weight.float()
-        dx = rstd[:, None] * (g - xhat * (g * xhat).mean(dim=1, keepdim=True))
-        dw = None if weight is None else (dyf * xhat).sum(dim=0)
+        dx = rstd * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+        dw = None if weight is None else (dyf * xhat).reshape(-1, n).sum(dim=0)
     else:
         native = _native_params(h, weight, None)
         if native is None:
@@ -212,14 +246,20 @@ def _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm):
         else:
             dyn, (hn, wn, _) = dy, native
         dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dyn, hn, [n], mean.view(m, 1), rstd.view(m, 1), wn, None,
-            [True, weight is not None, False])
+            dyn, hn, [n], mean, rstd, wn, None, [True, weight is not None, False])
     if dresidual_out is not None:
         dx = dx + dresidual_out
-    dx = dx.to(h.dtype)
-    dw = _absent(h) if weight is None else dw.to(weight.dtype)
+    dx = _dense(dx) if dx.dtype == h.dtype else _dense(dx.to(h.dtype))
+    if weight is None:
+        dw = _absent(h)
+    elif dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
     db_dtype = _dbias_dtype(h, weight)
-    db = dy.sum(dim=0, dtype=torch.float32).to(db_dtype) if has_bias else _absent(h, db_dtype)
+    if not has_bias:
+        db = _absent(h, db_dtype)
+    else:
+        db = dy.reshape(-1, n).sum(dim=0, dtype=torch.float32)
+        db = db if db_dtype == torch.float32 else db.to(db_dtype)
     return dx, dw, db
 
 
@@ -287,25 +327,47 @@ def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _as_rows(t: Tensor, n: int) -> Tensor:
-    """(..., normalised dims) -> (M, n); a view when the strides allow it."""
-    return _unit_last_stride(t.reshape(t.numel() // n, n))
+def _plain_call(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float, residual: Optional[Tensor]) -> bool:
+    """Whether this is the everyday call that ``validate`` would pass, decided with a few
+    cheap tests: one normalised dim, weight and bias absent or (N,) in input's dtype on
+    its device, a float eps >= 0. Anything else goes through ``validate``."""
+    if type(normalized_shape) is int:
+        n = normalized_shape
+    elif type(normalized_shape) in _SEQUENCES and len(normalized_shape) == 1:
+        n = normalized_shape[0]
+    else:
+        return False
+    if not (isinstance(input, Tensor) and input.dtype in DTYPES and input.dim() >= 1
+            and input.shape[-1] == n and n > 0 and type(eps) is float and 0.0 <= eps < math.inf):
+        return False
+    return (plain_param(weight, n, input) and plain_param(bias, n, input)
+            and plain_param(residual, input.shape, input))
+
+
+_SEQUENCES = (tuple, list, torch.Size)
 
 
 def _norm(input, normalized_shape, weight, bias, eps, residual, return_residual, rms_norm):
-    shape = _normalized_shape(normalized_shape)
-    validate(input, shape, weight, bias, eps, residual)
-    n = math.prod(shape)
-    x = _as_rows(input, n)
-    r = None if residual is None else _as_rows(residual, n)
-    w = None if weight is None else weight.reshape(n).contiguous()
-    b = None if bias is None else bias.reshape(n).contiguous()
+    x, w, b, r = input, weight, bias, residual
+    if not _plain_call(input, normalized_shape, weight, bias, eps, residual):
+        shape = _normalized_shape(normalized_shape)
+        validate(input, shape, weight, bias, eps, residual)
+        eps = float(eps)
+        if len(shape) > 1:
+            # The ops normalise over the last dim: flatten the normalised ones into it.
+            n = math.prod(shape)
+            x = input.flatten(-len(shape))
+            r = None if residual is None else residual.flatten(-len(shape))
+            w = None if weight is None else weight.reshape(n)
+            b = None if bias is None else bias.reshape(n)
     backend = backends.resolve("rms_norm" if rms_norm else OP, input.device, BACKENDS)
-    y, h, _, _ = _fwd(x, w, b, r, float(eps), rms_norm, backend)
-    y = y.view(input.shape)
+    y, h, _, _ = _fwd(x, w, b, r, eps, rms_norm, backend)
+    if x is not input:
+        y, h = y.view(input.shape), (h if residual is None else h.view(input.shape))
     if not return_residual:
         return y
-    return y, (input if residual is None else h.view(input.shape))
+    return y, (input if residual is None else h)
 
 
 def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,

@@ -1,0 +1,198 @@
+"""flash-attn's public functions on fastattn's kernels, for code written for flash-attn.
+
+    from fastattn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+
+Each function has flash-attn's signature, layouts and semantics (bottom-right causal
+alignment, ``-1`` for an unbounded window side, ``causal`` meaning the window
+``(left, 0)``), and runs on a GPU through the Triton kernels and on a CPU through the
+``torch`` backend, both memory-efficient. Differences from flash-attn:
+
+* ``deterministic`` is accepted and changes nothing: fastattn's backward is always
+  deterministic (every gradient element is written by one program, no atomics).
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` where ``S_dmask``
+  is built on request, in float32, by materialising the (B, H, Tq, Tk) probabilities
+  (it is a testing aid, as in flash-attn): the probabilities, negated where dropout
+  dropped them. For the varlen functions it is (B, H, max_seqlen_q, max_seqlen_k),
+  zero past each sequence's lengths.
+* The dropout mask is fastattn's own (Philox from torch's default generator), so it
+  differs from flash-attn's for the same seed.
+* ``flash_attn_varlen_func``'s ``block_table`` (paged K/V for varlen) is not served;
+  ``flash_attn_with_kvcache`` takes paged caches.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastattn import reference
+from fastattn.ops import _philox
+from fastattn.ops.flash_attention import draw_rng, flash_attention, flash_attention_varlen
+
+
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, fn):
+    """The fastattn keywords of a flash-attn call (dropout's (seed, offset) drawn here,
+    so that ``S_dmask`` can rebuild the mask the kernels used)."""
+    if not isinstance(window_size, (tuple, list)):
+        raise ValueError(f"{fn}: window_size must be a pair (left, right), got "
+                         f"{window_size!r}")
+    rng = draw_rng() if dropout_p > 0 else None
+    return dict(causal=causal, scale=softmax_scale, window=tuple(window_size),
+                softcap=softcap, alibi=alibi_slopes, dropout_p=dropout_p, rng=rng)
+
+
+def _check_rank(fn: str, layout: str, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != layout.count(",") + 1:
+            raise ValueError(f"{fn}: {name} must have shape {layout}, got {tuple(t.shape)}")
+
+
+def _probs(q: Tensor, k: Tensor, lse: Tensor, options: dict, sequence: int = 0) -> Tensor:
+    """S_dmask of one dense (B, H, Tq, D) batch: softmax probabilities in float32,
+    negated where dropout dropped them. ``sequence`` is the batch index of q's first
+    row (varlen calls pass one sequence at a time)."""
+    scale = q.shape[-1] ** -0.5 if options["scale"] is None else options["scale"]
+    alibi = options["alibi"]
+    if alibi is not None and alibi.dim() == 2:
+        alibi = alibi[sequence:sequence + q.shape[0]]
+    scores, _ = reference.masked_scores(q.float(), k.float(), k.float(), options["causal"],
+                                        scale, options["window"], options["softcap"], alibi)
+    finite = torch.isfinite(lse)[..., None]
+    p = torch.where(finite, torch.exp(scores - torch.where(finite, lse[..., None], 0.0)), 0.0)
+    if options["dropout_p"] > 0:
+        b, h, tq, tk = p.shape
+        seed, offset = options["rng"]
+        bh = ((torch.arange(b) + sequence)[:, None] * h + torch.arange(h))[:, :, None, None]
+        keep = _philox.keep_mask(seed, offset, bh.to(p.device),
+                                 torch.arange(tq, device=p.device)[:, None],
+                                 torch.arange(tk, device=p.device)[None, :],
+                                 options["dropout_p"])
+        p = torch.where(keep, p, -p)
+    return p
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_func``. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), Hkv
+    dividing H; any head dim up to 256. Returns a contiguous (B, Tq, H, D) tensor, and
+    with ``return_attn_probs`` also the log-sum-exp (B, H, Tq) and ``S_dmask``."""
+    _check_rank("flash_attn_func", "(batch, seqlen, nheads, headdim)", q=q, k=k, v=v)
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                       "flash_attn_func")
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)                     # (B, H, T, D) views
+    out, lse = flash_attention(qt, kt, v.transpose(1, 2), return_lse=True, **options)
+    out = out.transpose(1, 2).contiguous()                            # (B, Tq, H, D)
+    if not return_attn_probs:
+        return out
+    return out, lse, _probs(qt, kt, lse, options)
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
+                              softmax_scale: float | None = None, causal: bool = False,
+                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D), read in place
+    (the kernels take the three strided slices); the gradient comes back packed."""
+    _check_rank("flash_attn_qkvpacked_func", "(batch, seqlen, 3, nheads, headdim)", qkv=qkv)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"flash_attn_qkvpacked_func: qkv dim 2 must be 3 (q, k, v), "
+                         f"got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_kvpacked_func``: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D)
+    read in place."""
+    _check_rank("flash_attn_kvpacked_func", "(batch, seqlen, 2, nheads_k, headdim)", kv=kv)
+    if kv.shape[2] != 2:
+        raise ValueError(f"flash_attn_kvpacked_func: kv dim 2 must be 2 (k, v), "
+                         f"got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                           cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None,
+                           causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                           deterministic: bool = False, return_attn_probs: bool = False,
+                           block_table: Tensor | None = None):
+    """flash-attn's ``flash_attn_varlen_func``: q (total_q, H, D), k, v (total_k, Hkv, D),
+    ``cu_seqlens_q/k`` int32 (B + 1,). Returns (total_q, H, D), and with
+    ``return_attn_probs`` also the log-sum-exp (H, total_q) and ``S_dmask``."""
+    if block_table is not None:
+        raise NotImplementedError("flash_attn_varlen_func: block_table (paged K/V) is not "
+                                  "served here; use flash_attn_with_kvcache for paged caches")
+    _check_rank("flash_attn_varlen_func", "(total, nheads, headdim)", q=q, k=k, v=v)
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                       "flash_attn_varlen_func")
+    out, lse = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                      int(max_seqlen_k), return_lse=True, **options)
+    if not return_attn_probs:
+        return out
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    s_dmask = q.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k,
+                          dtype=torch.float32)
+    for b in range(len(cq) - 1):
+        tq, tk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if tq and tk:
+            seq = lambda x, c: x[c[b]:c[b + 1]].transpose(0, 1)[None]  # noqa: E731
+            s_dmask[b, :, :tq, :tk] = _probs(seq(q, cq), seq(k, ck),
+                                             lse[None, :, cq[b]:cq[b + 1]], options, b)[0]
+    return out, lse, s_dmask
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0,
+                                     softmax_scale: float | None = None, causal: bool = False,
+                                     window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                                     deterministic: bool = False,
+                                     return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D)."""
+    _check_rank("flash_attn_varlen_qkvpacked_func", "(total, 3, nheads, headdim)", qkv=qkv)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"flash_attn_varlen_qkvpacked_func: qkv dim 1 must be 3 (q, k, v), "
+                         f"got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
+                                    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0,
+                                    softmax_scale: float | None = None, causal: bool = False,
+                                    window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                                    deterministic: bool = False,
+                                    return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D),
+    kv (total_k, 2, Hkv, D)."""
+    _check_rank("flash_attn_varlen_kvpacked_func", "(total, 2, nheads_k, headdim)", kv=kv)
+    if kv.shape[1] != 2:
+        raise ValueError(f"flash_attn_varlen_kvpacked_func: kv dim 1 must be 2 (k, v), "
+                         f"got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
+           "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
+           "flash_attn_varlen_qkvpacked_func"]
