@@ -80,7 +80,7 @@ class CausalSelfAttention(nn.Module):
 
     Args:
         d_model: model width C; must be divisible by ``n_heads``.
-        n_heads: query heads H; head dim is C // H (a multiple of 8 from 16 to 256).
+        n_heads: query heads H; head dim is C // H (any size from 1 to 256).
         dropout: dropout on the output projection (residual dropout). Dropout on the
             attention probabilities is not offered: the kernels never form them.
         bias: bias in both projections.
@@ -338,8 +338,10 @@ class Block(nn.Module):
         a = self.attn(self.ln1(x), cache)                            # (B, T, C)
         # Under autocast a is in the autocast dtype and the residual stream x keeps its
         # own: the sum takes the promoted dtype, as eager x + a would.
-        dtype = torch.promote_types(a.dtype, x.dtype)
-        y, h = self.ln2(a.to(dtype), residual=x.to(dtype), return_residual=True)  # h = x + a
+        if a.dtype != x.dtype:
+            dtype = torch.promote_types(a.dtype, x.dtype)
+            a, x = a.to(dtype), x.to(dtype)
+        y, h = self.ln2(a, residual=x, return_residual=True)          # h = x + a
         return h + self.mlp(y)
 
 

@@ -15,15 +15,21 @@ from torch import Tensor
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-                    scale: float | None = None) -> Tensor:
+                    scale: float | None = None, window: tuple[int, int] = (-1, -1),
+                    key_padding: Tensor | None = None) -> Tensor:
     """Textbook attention on (B, H, T, D): scores, ``masked_fill(-inf)`` with a ``tril``
     mask, softmax, then ``@ V``. Materialises the (B, H, Tq, Tk) matrix — the baseline.
 
     With Tq != Tk the causal mask is aligned to the bottom-right (query i sees keys
     ``j <= i + Tk - Tq``), as in flash-attn and ``attention`` below. K/V may have fewer
-    heads than Q (grouped-query attention); they are repeated to match.
+    heads than Q (grouped-query attention); they are repeated to match. ``window``
+    masks a sliding window as ``attention`` does; ``key_padding`` (B, Tk) bool hides
+    the keys marked False (a padded batch; a row left without keys gives NaN, as the
+    textbook softmax does).
     """
-    scores, v = masked_scores(q, k, v, causal, scale)             # (B, H, Tq, Tk)
+    scores, v = masked_scores(q, k, v, causal, scale, window)      # (B, H, Tq, Tk)
+    if key_padding is not None:
+        scores = scores.masked_fill(~key_padding[:, None, None, :], float("-inf"))
     att = F.softmax(scores, dim=-1)
     return att @ v                                                 # (B, H, Tq, D)
 

@@ -55,6 +55,7 @@ class OpSpec:
     work: Callable[..., float]       # (shape, dtype, mode, **options) -> FLOPs or bytes
     unit: str = "flops"              # what ``work`` counts: "flops" or "bytes"
     options: Mapping[str, Any] = field(default_factory=dict)
+    modes: tuple[str, ...] = MODES   # what the op has; an inference-only op: ("fwd",)
     # For ``fastattn check-kernels``: (size, dtype, **options) runs the Triton launchers,
     # forward and backward, on empty CPU tensors of a typical shape whose size is
     # ``launch_dim`` ("D": head dim, "N": width), for each of ``launch_sizes``. One entry

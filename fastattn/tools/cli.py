@@ -67,8 +67,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "cpu, 128 cuda)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal mask, for ops that take one (default: on)")
-    p.add_argument("--mode", type=_modes, default=["fwd", "fwd+bwd"], metavar="MODES",
-                   help="fwd and/or fwd+bwd, comma-separated (default: both)")
+    p.add_argument("--mode", type=_modes, default=None, metavar="MODES",
+                   help="fwd and/or fwd+bwd, comma-separated (default: every mode the op has)")
     p.add_argument("--sweep", action="store_true",
                    help="cross the settings instead of one run: head dim (if the op's "
                         "shape has one; cpu: D 32,64,128, cuda: 64,128,256) x causal (if "
@@ -100,7 +100,7 @@ def _run_gpt_bench(args: argparse.Namespace) -> int:
 
     not_for_gpt = [flag for flag, given in (("--head-dim", args.head_dim is not None),
                                             ("--no-causal", not args.causal),
-                                            ("--mode", args.mode != ["fwd", "fwd+bwd"]),
+                                            ("--mode", args.mode is not None),
                                             ("--ext", args.load_ext),
                                             ("--malloc", args.malloc != "retain"),
                                             ("--sweep", args.sweep)) if given]

@@ -29,7 +29,7 @@ class Config:
     heads: int | None = None
     head_dim: int | None = None
     causal: bool = True
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] | None = None     # default: every mode the op has (spec.modes)
     quick: bool = False                # fewer repeats: a smoke test, not a measurement
     memory: bool = True
     heap_retention: bool = True        # CPU timing with HEAP_RETENTION_ENV (else glibc's default)
@@ -42,8 +42,10 @@ class Config:
         dtype = dtype_name(dtype_of(self.dtype or ("bfloat16" if device == "cuda" else
                                                    "float32")))
         sizes = self.sizes or list(spec.sizes[device])
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        modes = list(spec.modes) if self.modes is None else self.modes
+        if not modes or any(m not in spec.modes for m in modes):
+            raise ValueError(f"modes must be a non-empty subset of {spec.modes} for "
+                             f"{spec.name}, got {modes}")
         for name in SHAPE_OVERRIDES:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -52,7 +54,7 @@ class Config:
             raise ValueError(f"sizes must be positive integers, got {sizes}")
         self._check_applies(spec)
         return Config(**{**asdict(self), "device": device, "dtype": dtype,
-                         "sizes": list(sizes)})
+                         "sizes": list(sizes), "modes": modes})
 
     def _check_applies(self, spec: OpSpec) -> None:
         """A setting the op does not take is an error, never silently dropped."""
