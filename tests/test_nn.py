@@ -200,7 +200,8 @@ def test_triton_op_registration_without_interpreter():
         k = torch.randn(1, 2, 9, 16, requires_grad=True)
         v = torch.randn(1, 2, 9, 16, requires_grad=True)
         torch.library.opcheck(torch.ops.fastattn.flash_attention_fwd.default,
-                              (q, k, v, True, 0.25, "torch"))
+                              (q, k, v, None, None, None, 0, 0, True, -1, 0, 0.0, 0.0, 0, 0,
+                               0.25, "torch"))
         m = fastattn.nn.CausalSelfAttention(32, 2)
         x = torch.randn(2, 10, 32)
         out = torch.compile(m, fullgraph=True)(x)

@@ -24,7 +24,10 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 WINDOW = 8               # the sliding window of the windowed models: shorter than the inputs
 DECODER = dict(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               bos_token_id=0, eos_token_id=0, pad_token_id=0)
+               bos_token_id=0, eos_token_id=0, pad_token_id=0,
+               # weights 10x the default: scores of order 1, so that a wrong mask, window
+               # or softcap moves the logits far past the tolerance
+               initializer_range=0.2)
 GPT2 = (transformers.GPT2LMHeadModel, transformers.GPT2Config,
         dict(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
              embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
@@ -34,7 +37,7 @@ MISTRAL = (transformers.MistralForCausalLM, transformers.MistralConfig,
 QWEN2 = (transformers.Qwen2ForCausalLM, transformers.Qwen2Config,      # layer 1 slides
          dict(DECODER, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1))
 GEMMA2 = (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
-          # a softcap of 1 bends every logit, so dropping it could not pass unnoticed
+          # a softcap of 1 bends the scores of order 1: dropping it moves logits by ~1
           dict(DECODER, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0))
 GPT_OSS = (transformers.GptOssForCausalLM, transformers.GptOssConfig,
            dict(DECODER, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
@@ -283,6 +286,16 @@ def test_2d_mask_matches_transformers_4d_mask(tq, tk, width, causal, window, pad
         assert (out[~mask[:, width - tq:]] == 0).all()
         real &= mask[:, width - tq:]
     torch.testing.assert_close(out[real], _reference(q, k, v, mask4d)[real], **TOL)
+
+
+@pytest.mark.parametrize("shape, causal", [((2, 9), True), ((3, 4), True), ((3, 13), False)])
+def test_2d_mask_that_does_not_fit_raises(shape, causal):
+    q, k = torch.randn(3, 4, 5, 16), torch.randn(3, 2, 12, 16)
+    with pytest.raises(ValueError, match=rf"attention_mask of shape \({shape[0]}, "
+                                         rf"{shape[1]}\) does not fit 5 queries over 12 keys"):
+        fastattn_hf.fastattn_attention_forward(torch.nn.Module(), q, k, k,
+                                               torch.ones(shape, dtype=torch.bool),
+                                               is_causal=causal)
 
 
 def test_packed_sequence_ids_match_transformers_4d_mask():

@@ -253,7 +253,18 @@ def _attend_unpadded(query, key, value, mask, batch: _Unpadded, **options) -> to
 
 # ------------------------------------------------------------------ fallbacks
 
-def _route(query, key, value, attention_mask, kwargs) -> tuple[str, str | None]:
+def _check_mask(mask, query, key, causal: bool) -> None:
+    """A 2-D mask must be ``fastattn_mask``'s: (B, W), Tq <= W <= Tk when causal."""
+    b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+    w = mask.shape[1]
+    if mask.shape[0] != b or w > tk or (causal and w < tq):
+        raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not fit {tq} "
+                         f"queries over {tk} keys: a 2-D mask must be (batch {b}, W) with "
+                         f"W <= {tk}" + (f" and W >= {tq} (causal)" if causal else ""))
+
+
+def _route(query, key, value, attention_mask, causal: bool,
+           kwargs) -> tuple[str, str | None]:
     """("fastattn", None), or the fallback ("sdpa" or "eager") and the reason for it,
     before looking at the mask's contents."""
     unserved = sorted(name for name, v in kwargs.items() if v is not None and v is not False
@@ -265,6 +276,8 @@ def _route(query, key, value, attention_mask, kwargs) -> tuple[str, str | None]:
     if attention_mask is not None and attention_mask.dim() != 2:
         return _sdpa_or_eager(kwargs), (f"a {attention_mask.dim()}-D attention mask (a custom "
                                         "one, or a mask pattern fastattn does not serve)")
+    if attention_mask is not None:
+        _check_mask(attention_mask, query, key, causal)
     if query.dtype not in DTYPES:
         return _sdpa_or_eager(kwargs), f"dtype {query.dtype}"
     d = query.shape[-1]
@@ -348,7 +361,7 @@ def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor,
     (B, Hkv, Tk, D), ``attention_mask`` as ``fastattn_mask`` makes it (or 4-D); returns
     ((B, Tq, H, D), attention weights or None)."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    path, reason = _route(query, key, value, attention_mask, kwargs)
+    path, reason = _route(query, key, value, attention_mask, causal, kwargs)
     batch = None
     if path == "fastattn" and attention_mask is not None:
         batch = _unpad(attention_mask, query.shape[2], causal)
