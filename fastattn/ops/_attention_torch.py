@@ -41,7 +41,7 @@ in Python, each going through the dense code above; the offsets are read with on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -53,9 +53,8 @@ _BLOCK = 256   # query rows per block of the blocked path, read at each call
 
 @dataclass(frozen=True)
 class _Variant:
-    """The attention variant, as the blocked path reads it. ``left``/``right`` are the
-    window with causal folded in (−1: unbounded); ``alibi`` is (B, H) or (H,) fp32, or
-    None."""
+    """The attention variant besides ``causal``. ``left``/``right``: the window, −1 for
+    unbounded; ``alibi``: (B, H) or (H,) fp32 slopes, or None."""
     left: int = -1
     right: int = -1
     softcap: float = 0.0
@@ -64,18 +63,22 @@ class _Variant:
     seed: int = 0
     offset: int = 0
 
+    def with_causal(self, causal: bool) -> _Variant:
+        """The window with causal folded in (flash-attn's rule: causal is the window
+        (left, 0)); folding twice changes nothing."""
+        if not causal:
+            return self
+        return replace(self, right=0 if self.right < 0 else min(self.right, 0))
+
     def plain(self) -> bool:
         """No window but the causal one, no softcap, alibi or dropout."""
         return (self.left < 0 and self.right in (-1, 0) and self.softcap == 0.0
                 and self.alibi is None and self.dropout_p == 0.0)
 
 
-def _variant(causal: bool, window, softcap: float, alibi: Tensor | None, dropout_p: float,
-             seed: int, offset: int) -> _Variant:
-    left, right = (int(w) for w in window)
-    left, right = (-1 if left < 0 else left), (-1 if right < 0 else right)
-    if causal:  # flash-attn's rule: causal is the window (left, 0)
-        right = 0 if right < 0 else min(right, 0)
+def _variant(window, softcap: float, alibi: Tensor | None, dropout_p: float, seed: int,
+             offset: int) -> _Variant:
+    left, right = (max(int(w), -1) for w in window)
     slopes = None if alibi is None else alibi.float()
     return _Variant(left, right, float(softcap), slopes, float(dropout_p), int(seed),
                     int(offset))
@@ -92,10 +95,10 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, *,
     lse (H, total_q). o is contiguous in q.dtype, lse float32. ``alibi``: (B, H) slopes
     (possibly an expand of (H,)), or (H,).
     ``max_seqlen_*`` size the Triton grid; this backend does not need them."""
-    var = _variant(causal, window, softcap, alibi, dropout_p, seed, offset)
+    var = _variant(window, softcap, alibi, dropout_p, seed, offset)
     if cu_seqlens_q is not None:
-        return _varlen_fwd(q, k, v, scale, var, cu_seqlens_q, cu_seqlens_k)
-    return _dense_fwd(q, k, v, scale, var)
+        return _varlen_fwd(q, k, v, causal, scale, var, cu_seqlens_q, cu_seqlens_k)
+    return _dense_fwd(q, k, v, causal, scale, var)
 
 
 def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
@@ -106,44 +109,48 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the layouts of q, k, v (dense or varlen), contiguous, in the
     input dtype. The other arguments are those of the forward, and its o and lse."""
-    var = _variant(causal, window, softcap, alibi, dropout_p, seed, offset)
+    var = _variant(window, softcap, alibi, dropout_p, seed, offset)
     if cu_seqlens_q is not None:
-        return _varlen_bwd(do, q, k, v, o, lse, scale, var, cu_seqlens_q, cu_seqlens_k)
-    return _dense_bwd(do, q, k, v, o, lse, scale, var)
+        return _varlen_bwd(do, q, k, v, o, lse, causal, scale, var, cu_seqlens_q,
+                           cu_seqlens_k)
+    return _dense_bwd(do, q, k, v, o, lse, causal, scale, var)
 
 
 # ------------------------------------------------------------------ dense dispatch
 
 
 def _use_aten_cpu(q: Tensor, k: Tensor, var: _Variant) -> bool:
+    """Whether PyTorch's CPU flash kernel computes this (``var`` with causal folded in)."""
     tq, tk = q.shape[2], k.shape[2]
     return (q.device.type == "cpu" and var.plain() and tq > 0 and tk > 0
             and (var.right < 0 or tq == tk))
 
 
-def _dense_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
+def _dense_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, var: _Variant,
                batch0: int = 0) -> tuple[Tensor, Tensor]:
     """(B, H, Tq, D) attention; ``batch0`` is the batch index of q[0] in the dropout
     counter (the sequence index in varlen)."""
-    if _use_aten_cpu(q, k, var):
+    folded = var.with_causal(causal)
+    if _use_aten_cpu(q, k, folded):
         h = q.shape[1]
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, var.right == 0, scale=scale)
+            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, folded.right == 0, scale=scale)
         return o.contiguous(), lse.float().contiguous()
-    return _blocked_fwd(q, k, v, scale, var, batch0)
+    return _blocked_fwd(q, k, v, causal, scale, var, batch0)
 
 
 def _dense_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-               scale: float, var: _Variant, batch0: int = 0
+               causal: bool, scale: float, var: _Variant, batch0: int = 0
                ) -> tuple[Tensor, Tensor, Tensor]:
-    if _use_aten_cpu(q, k, var):
+    folded = var.with_causal(causal)
+    if _use_aten_cpu(q, k, folded):
         h, hkv = q.shape[1], k.shape[1]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, _expand_kv(k, h), _expand_kv(v, h), o, lse, 0.0, var.right == 0,
+            do, q, _expand_kv(k, h), _expand_kv(v, h), o, lse, 0.0, folded.right == 0,
             scale=scale)
         return (dq.contiguous(), _sum_groups(dk, hkv).contiguous(),
                 _sum_groups(dv, hkv).contiguous())
-    return _blocked_bwd(do, q, k, v, o, lse, scale, var, batch0)
+    return _blocked_bwd(do, q, k, v, o, lse, causal, scale, var, batch0)
 
 
 def _expand_kv(x: Tensor, n_heads: int) -> Tensor:
@@ -181,32 +188,36 @@ def _block_scores(qb: Tensor, kb: Tensor, rows: Tensor, cols: Tensor, off: int, 
     int64 positions inside the sequence; slopes (B, Hkv, G, 1, 1) or None.
     Returns x (B, Hkv, G, m, n) and, with softcap, tanh(s / softcap) for the backward.
     """
-    x = (qb @ kb.transpose(-2, -1)) * scale                       # (B, Hkv, G, m, n)
+    # In-place steps on the fresh (B, Hkv, G, m, n) tile: each saves a pass of memory.
+    x = (qb @ kb.transpose(-2, -1)).mul_(scale)                   # (B, Hkv, G, m, n)
     t = None
     if var.softcap > 0:
-        t = torch.tanh(x / var.softcap)
-        x = var.softcap * t
+        t = x.div_(var.softcap).tanh_()
+        x = t * var.softcap
     rel = rows + off - cols                                       # (m, n): i + off − j
     if slopes is not None:
-        x = x - slopes * rel.abs()
+        x.addcmul_(slopes, rel.abs().float(), value=-1.0)
     hidden = None
     if var.left >= 0:
         hidden = rel > var.left
     if var.right >= 0:
         hidden = (-rel > var.right) if hidden is None else hidden | (-rel > var.right)
     if hidden is not None:
-        x = x.masked_fill(hidden, float("-inf"))
+        x.masked_fill_(hidden, float("-inf"))
     return x, t
 
 
 def _probs(x: Tensor, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """P = exp(x − lse) and lse (computed here unless given); 0 where lse = −inf."""
-    if lse is None:
-        lse = torch.logsumexp(x, dim=-1)
-    # Rows that see no key have lse = −inf: their probabilities are 0, not NaN.
-    finite = torch.isfinite(lse)
-    p = torch.exp(x - torch.where(finite, lse, 0.0)[..., None])
-    return torch.where(finite[..., None], p, 0.0), lse
+    """P = exp(x − lse), computed in place of the scores x, and lse (computed here unless
+    given). A row that sees no key (every x = −inf) gets P = 0 and lse = −inf, not NaN:
+    its max or lse is replaced by 0 before the subtraction, and exp(−inf) = 0."""
+    if lse is not None:
+        return x.sub_(torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp_(), lse
+    row_max = x.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    total = x.sub_(row_max).exp_().sum(dim=-1, keepdim=True)       # 0 for rows without keys
+    x.mul_(torch.where(total > 0, 1.0 / total, 0.0))
+    return x, (row_max + total.log()).squeeze(-1)
 
 
 def _dropout_scale(var: _Variant, bh: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -241,8 +252,12 @@ def _positions(start: int, stop: int, lo: int, hi: int, device) -> tuple[Tensor,
             torch.arange(lo, hi, device=device))
 
 
-def _blocked_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
-                 batch0: int = 0) -> tuple[Tensor, Tensor]:
+def _blocked_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                 var: _Variant = _Variant(), batch0: int = 0, block: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Dense (B, H, Tq, D) attention, ``block`` (default ``_BLOCK``) query rows at a time
+    against their visible keys only; ``batch0`` as in ``_dense_fwd``."""
+    var, block = var.with_causal(causal), block or _BLOCK
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     qg = _grouped(q, hkv)                                        # (B, Hkv, G, Tq, D)
@@ -250,7 +265,6 @@ def _blocked_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
     slopes, bh = _head_params(q, hkv, var, batch0)
     o = q.new_zeros(b, hkv, h // hkv, tq, d, dtype=torch.float32)
     lse = q.new_full((b, hkv, h // hkv, tq), float("-inf"), dtype=torch.float32)
-    block = _BLOCK
     for start in range(0, tq, block):
         stop = min(start + block, tq)
         lo, hi = _key_range(start, stop, tq, tk, var)
@@ -262,14 +276,15 @@ def _blocked_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
         p, lse_b = _probs(x)
         lse[..., start:stop] = lse_b
         if bh is not None:
-            p = p * _dropout_scale(var, bh, rows, cols)
+            p.mul_(_dropout_scale(var, bh, rows, cols))
         o[..., start:stop, :] = p @ vf[..., lo:hi, :]
     return o.reshape(b, h, tq, d).to(q.dtype), lse.reshape(b, h, tq)
 
 
 def _blocked_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                 scale: float, var: _Variant, batch0: int = 0
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+                 causal: bool, scale: float, var: _Variant = _Variant(), batch0: int = 0,
+                 block: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    var, block = var.with_causal(causal), block or _BLOCK
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     qg, dog = _grouped(q, hkv), _grouped(do, hkv)                 # (B, Hkv, G, Tq, D)
@@ -282,7 +297,6 @@ def _blocked_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     dq = torch.zeros_like(qg)
     dk = q.new_zeros(b, hkv, tk, d, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    block = _BLOCK
     for start in range(0, tq, block):
         stop = min(start + block, tq)
         lo, hi = _key_range(start, stop, tq, tk, var)
@@ -296,11 +310,12 @@ def _blocked_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
         p_kept = p
         if bh is not None:
             drop = _dropout_scale(var, bh, rows, cols)
-            p_kept, dp = p * drop, dp * drop
+            p_kept = p * drop
+            dp.mul_(drop)
         dv[..., lo:hi, :] += (p_kept.transpose(-2, -1) @ dob).sum(2)
-        ds = p * (dp - delta[..., start:stop, None])
-        if t is not None:  # d/ds of softcap·tanh(s / softcap)
-            ds = ds * (1.0 - t * t)
+        ds = dp.sub_(delta[..., start:stop, None]).mul_(p)
+        if t is not None:  # d/ds of softcap·tanh(s / softcap) = 1 − tanh²
+            ds.mul_(t.square_().neg_().add_(1.0))
         dq[..., start:stop, :] = (ds @ kf[..., lo:hi, :]) * scale
         dk[..., lo:hi, :] += (ds.transpose(-2, -1) @ qb).sum(2) * scale
     return (dq.reshape(b, h, tq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
@@ -322,13 +337,13 @@ def _as_dense(x: Tensor, rows: slice) -> Tensor:
 
 
 def _one_sequence(var: _Variant, b: int) -> _Variant:
+    """Sequence b's variant: its row of (B, H) alibi slopes."""
     if var.alibi is None or var.alibi.dim() == 1:
         return var
-    return _Variant(var.left, var.right, var.softcap, var.alibi[b:b + 1], var.dropout_p,
-                    var.seed, var.offset)
+    return replace(var, alibi=var.alibi[b:b + 1])
 
 
-def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
+def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, var: _Variant,
                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
     total_q, h, d = q.shape
     o = q.new_zeros(total_q, h, d)
@@ -336,16 +351,16 @@ def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, var: _Variant,
     for b, qs, ks in _sequences(cu_seqlens_q, cu_seqlens_k):
         if qs.stop <= qs.start or ks.stop <= ks.start:  # no rows, or rows see no key
             continue
-        ob, lb = _dense_fwd(_as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks), scale,
-                            _one_sequence(var, b), batch0=b)
+        ob, lb = _dense_fwd(_as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks), causal,
+                            scale, _one_sequence(var, b), batch0=b)
         o[qs] = ob[0].transpose(0, 1)
         lse[:, qs] = lb[0]
     return o, lse
 
 
 def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                scale: float, var: _Variant, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                causal: bool, scale: float, var: _Variant, cu_seqlens_q: Tensor,
+                cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
@@ -354,6 +369,7 @@ def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Ten
             continue
         dqb, dkb, dvb = _dense_bwd(
             _as_dense(do, qs), _as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks),
-            _as_dense(o, qs), lse[None, :, qs], scale, _one_sequence(var, b), batch0=b)
+            _as_dense(o, qs), lse[None, :, qs], causal, scale, _one_sequence(var, b),
+            batch0=b)
         dq[qs], dk[ks], dv[ks] = (x[0].transpose(0, 1) for x in (dqb, dkb, dvb))
     return dq, dk, dv

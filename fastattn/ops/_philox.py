@@ -66,7 +66,8 @@ def uint_to_uniform_float(x: Tensor) -> Tensor:
     [0, 2³²)): float32 in [0, 1)."""
     # As an int32, x >= 2³¹ is negative and ~x = 2³² − 1 − x = x ^ 0xffffffff.
     x = torch.where(x >= 2 ** 31, x ^ _MASK32, x)
-    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    # An fp32 0-d tensor (torch.full: no host-to-device copy), so the product is fp32's.
+    scale = torch.full((), _UNIFORM_SCALE, dtype=torch.float32, device=x.device)
     return x.to(torch.float32) * scale
 
 
@@ -82,7 +83,8 @@ def philox_uniform(seed: int, offset: int, bh: Tensor, rows: Tensor, cols: Tenso
     int64 tensors ``bh`` (b·H + h, h the query head), ``rows`` (query index i inside the
     sequence) and ``cols`` (key index j). ``seed`` in [0, 2⁶³), ``offset`` in [0, 2³²)."""
     _check_stream(seed, offset)
-    r0, _, _, _ = philox4x32(seed, cols, rows, bh, torch.tensor(offset, device=cols.device))
+    c3 = torch.full((), offset, dtype=torch.int64, device=cols.device)
+    r0, _, _, _ = philox4x32(seed, cols, rows, bh, c3)
     return uint_to_uniform_float(r0)
 
 
