@@ -13,7 +13,7 @@ from fastattn._warnings import FallbackWarning
 from fastattn.backends import BACKENDS, BackendUnavailableError, use_backend
 from fastattn.flash_attn_interface import (
     flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
+    flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from fastattn.functional import scaled_dot_product_attention
 from fastattn.ops.flash_attention import flash_attention, flash_attention_varlen
 from fastattn.ops.gelu import bias_gelu, gelu
@@ -27,6 +27,6 @@ __all__ = [
     "enable", "enable_globally", "flash_attention", "flash_attention_varlen", "flash_attn_func",
     "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
-    "gelu", "layer_norm",
+    "flash_attn_with_kvcache", "gelu", "layer_norm",
     "nn", "reference", "rms_norm", "scaled_dot_product_attention", "swap", "use_backend",
 ]

@@ -27,6 +27,7 @@ from torch import Tensor
 from fastattn import reference
 from fastattn.ops import _philox
 from fastattn.ops.flash_attention import draw_rng, flash_attention, flash_attention_varlen
+from fastattn.ops.kvcache import flash_attn_with_kvcache
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, fn):
@@ -195,4 +196,4 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_varlen_qkvpacked_func"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]

@@ -187,7 +187,7 @@ def _decode_fwd_kernel(
     stride_btb, stride_btp, stride_ab, stride_ah,
     stride_o0, stride_o1, stride_o2, stride_od,   # SPLIT: (bh, s, r); else (b, t, h)
     stride_l0, stride_l1, stride_l2,              # SPLIT: (bh, s, r); else (b, h, t)
-    H, Hkv, GROUP, Tq, n_splits, page_size,
+    Hkv, GROUP, Tq, n_splits, page_size,
     left, right,        # window, -1 = unbounded (causal: right = 0)
     score_scale,        # scale·log2(e), or scale / softcap with SOFTCAP
     softcap2,           # softcap·log2(e)
@@ -253,12 +253,12 @@ def _decode_fwd_kernel(
     # none get O = 0 and L = -inf.
     seen = l_i > 0.0
     l_i = tl.where(seen, l_i, 1.0)
-    o = acc / l_i[:, None]
+    o = acc * (1.0 / l_i)[:, None]
     lse2 = tl.where(seen, m_i + tl.log2(l_i), float("-inf"))
     if SPLIT:
-        base = pid_bh.to(tl.int64)
-        o_rows = base * stride_o0 + pid_s * stride_o1 + r * stride_o2
-        l_rows = base * stride_l0 + pid_s * stride_l1 + r * stride_l2
+        bh, split, r = pid_bh.to(tl.int64), pid_s.to(tl.int64), r.to(tl.int64)
+        o_rows = bh * stride_o0 + split * stride_o1 + r * stride_o2
+        l_rows = bh * stride_l0 + split * stride_l1 + r * stride_l2
         tl.store(LSE + l_rows, lse2, mask=row_ok)
     else:
         o_rows = b.to(tl.int64) * stride_o0 + i * stride_o1 + h * stride_o2
@@ -278,7 +278,7 @@ def _decode_combine_kernel(
     stride_lp0, stride_lp1, stride_lp2,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lt,
-    H, Hkv, GROUP, Tq, n_splits,
+    Hkv, GROUP, Tq, n_splits,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """O = Σ_s exp2(L_s − L) O_s with L = log2 Σ_s exp2(L_s), as one more online softmax
@@ -290,7 +290,7 @@ def _decode_combine_kernel(
     pid_bh = (pid // n_mblocks).to(tl.int64)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = r < M
     offs_d = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -316,11 +316,13 @@ def _decode_combine_kernel(
     seen = l_i > 0.0
     l_i = tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    # One reciprocal per row: a division per element called ptxas's slow-path
+    # subroutine, which spilled a register on sm_90 at D = 80.
+    o = acc * (1.0 / l_i)[:, None]
     i, h = _packed_rows(r, GROUP, hk)
     tl.store(LSE + b * stride_lb + h * stride_lh + i * stride_lt, lse, mask=row_ok)
     tl.store(O + b * stride_ob + (i * stride_ot + h * stride_oh)[:, None]
-             + offs_d[None, :] * stride_od, (acc / l_i[:, None]).to(O.dtype.element_ty),
-             mask=mask)
+             + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -328,16 +330,22 @@ def _decode_combine_kernel(
 
 def tiles(dtype: torch.dtype, head_dim: int, rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for ``rows`` packed query
-    rows (Tq·G). BLOCK_M covers the rows, at least 16 (the smallest ``tl.dot``) and at
-    most 64 (32 at D = 256, whose fp32 accumulator would otherwise crowd the registers).
-    K/V tiles of 64 keys (32 at D = 256 or in fp32, whose dots run on FMA units and hold
-    their operands in registers)."""
+    rows (Tq·G). Measured with ``fastattn check-kernels`` on sm_80/sm_90: none spills.
+
+    - 16 bits: BLOCK_M covers the rows, at least 16 (the smallest ``tl.dot``; a decoding
+      step) and at most 64 (32 at D = 256); K/V tiles of 64 keys (32 at D = 256). Tiles
+      of more than 16 rows (prefill chunks, wide GQA groups) take 8 warps: at D = 128 a
+      64-row tile needs 255 registers with 4.
+    - fp32: true-fp32 dots run on FMA units and hold their operands in registers; 16 x 32
+      tiles over 8 warps (32 rows spill at D >= 128, and so do 4 warps at D = 128).
+    """
     block_d = max(16, next_pow2(head_dim))
     if INTERPRET:   # the interpreter's cost is per program and op: small fixed tiles
         return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return 16, 32, 8, 2
     block_m = max(16, min(next_pow2(rows), 32 if block_d == 256 else 64))
-    wide = dtype == torch.float32 or block_d == 256
-    return block_m, 32 if wide else 64, 4, 2
+    return block_m, 32 if block_d == 256 else 64, 4 if block_m == 16 else 8, 2
 
 
 def choose_splits(batch_heads: int, row_blocks: int, keys: int, block_n: int,
@@ -395,7 +403,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *(bt.stride() if paged else (0, 0)), *(slopes.stride() if alibi is not None else (0, 0)),
         *o_part.stride(), *lse_part.stride(),
-        H, Hkv, group, Tq, splits, page_size, window[0], window[1],
+        Hkv, group, Tq, splits, page_size, window[0], window[1],
         score_scale, softcap * LOG2E,
         HEAD_DIM=D, PAGED=paged, HAS_CACHE_ROW=cache_row is not None,
         HAS_KEY_START=key_start is not None, HAS_ALIBI=alibi is not None,
@@ -405,6 +413,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if splits > 1:
         launch(_decode_combine_kernel)[(row_blocks * B * Hkv,)](
             o_part, lse_part, o, lse, *o_part.stride(), *lse_part.stride(),
-            *o.stride(), *lse.stride(), H, Hkv, group, Tq, splits,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=max(16, next_pow2(D)), num_warps=4)
+            *o.stride(), *lse.stride(), Hkv, group, Tq, splits,
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=max(16, next_pow2(D)), num_warps=warps,
+            num_stages=1)
     return o, lse

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import backends, reference
-from fastattn.ops import registry
+from fastattn.ops import _attention_torch, registry
 from fastattn.ops._custom_op import kernel_op
 
 OP = "kvcache"
@@ -24,7 +24,6 @@ BACKENDS = ("triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
-_QUERY_BLOCK_ELEMS = 1 << 24      # scores the torch backend materialises at once
 
 
 def _triton_kernels():
@@ -69,46 +68,12 @@ def _sequence_kv(cache: Tensor, b: int, start: int, end: int, block_table: Tenso
     return cache[pages].flatten(0, 1)[start - first:end - first]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, window: tuple[int, int],
-            softcap: float, slopes: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One sequence in fp32: q (Tq, H, D), k, v (Tk, Hkv, D), slopes (H,) or None.
-    Query rows go ``block`` at a time, so the scores held are (H, block, Tk)."""
-    tq, h, d = q.shape
-    tk, hkv = k.shape[0], k.shape[1]
-    qg = q.float().permute(1, 0, 2).reshape(hkv, h // hkv, tq, d)    # (Hkv, G, Tq, D)
-    kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)     # (Hkv, Tk, D)
-    o = q.new_zeros(h, tq, d, dtype=torch.float32)
-    lse = q.new_full((h, tq), float("-inf"), dtype=torch.float32)
-    block = max(1, _QUERY_BLOCK_ELEMS // max(1, h * tk))
-    j = torch.arange(tk, device=q.device)
-    for t0 in range(0, tq, block):
-        t1 = min(t0 + block, tq)
-        s = (qg[:, :, t0:t1] @ kf[:, None].transpose(-2, -1)).reshape(h, t1 - t0, tk) * scale
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        dist = torch.arange(t0, t1, device=q.device)[:, None] + (tk - tq) - j  # i + off − j
-        if slopes is not None:
-            s = s - slopes.float()[:, None, None] * dist.abs()
-        seen = torch.ones_like(dist, dtype=torch.bool)
-        if window[0] >= 0:
-            seen &= dist <= window[0]
-        if window[1] >= 0:
-            seen &= -dist <= window[1]
-        s = s.masked_fill(~seen, float("-inf"))
-        lse_b = torch.logsumexp(s, dim=-1)                                 # (H, m)
-        finite = torch.isfinite(lse_b)
-        p = torch.exp(s - torch.where(finite, lse_b, 0.0)[..., None])
-        p = torch.where(finite[..., None], p, 0.0)
-        o[:, t0:t1] = (p.view(hkv, h // hkv, t1 - t0, tk) @ vf[:, None]).reshape(h, t1 - t0, d)
-        lse[:, t0:t1] = lse_b
-    return o, lse
-
-
 def _decode_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_end: Tensor,
                   key_start: Tensor | None, block_table: Tensor | None,
                   cache_row: Tensor | None, alibi: Tensor | None, scale: float,
                   window: tuple[int, int], softcap: float) -> tuple[Tensor, Tensor]:
-    """The torch backend: per sequence, its visible keys only (never B × max length)."""
+    """The torch backend: flash attention's torch backend per sequence, on the keys it
+    attends (never B × the longest length; a paged cache copies only those pages)."""
     b_size, tq, h, d = q.shape
     ends = key_end.tolist()
     starts = key_start.tolist() if key_start is not None else [0] * b_size
@@ -119,10 +84,11 @@ def _decode_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_end: Tensor,
             continue                     # no key: output 0, lse -inf
         k = _sequence_kv(k_cache, b, start, end, block_table, cache_row)
         v = _sequence_kv(v_cache, b, start, end, block_table, cache_row)
-        o_b, lse_b = _attend(q[b], k, v, scale, window, softcap,
-                             None if alibi is None else alibi[b])
-        o[b] = o_b.transpose(0, 1).to(q.dtype)
-        lse[b] = lse_b
+        o_b, lse_b = _attention_torch.attn_fwd(
+            q[b:b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+            False, scale, window=window, softcap=softcap,
+            alibi=None if alibi is None else alibi[b:b + 1])
+        o[b], lse[b] = o_b[0].transpose(0, 1), lse_b[0]
     return o, lse
 
 
@@ -467,5 +433,5 @@ registry.register(registry.OpSpec(
     builtin=("sdpa", _sdpa),
     reference=lambda q, k_cache, v_cache: reference.attention(
         *_heads_first(q, k_cache, v_cache))[0].transpose(1, 2),
-    work=_work, unit="bytes", launch_kernels=_launch_kernels, launch_dim="D",
+    work=_work, unit="bytes", modes=("fwd",), launch_kernels=_launch_kernels, launch_dim="D",
     launch_sizes=(16, 64, 80, 128, 256)))
