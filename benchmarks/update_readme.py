@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from fastattn.tools.bench import decode, overhead
 from fastattn.tools.bench.report import readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +50,17 @@ def block(entries: list[tuple[Path, dict]], readme_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+# Documents with their own table: host overhead per call, decoding tokens/s.
+OWN_TABLES = {"overhead": overhead.readme_block, "decode": decode.readme_block}
+
+
 def render(results: dict) -> str:
     """Caption and table of one results file: the harness's report
     (``fastattn.tools.bench.report``) for its own documents — op runs, sweeps, the GPT
-    benchmark — else a generic table of the rows' scalar fields."""
+    benchmark —, ``OWN_TABLES`` for overhead and decode, else a generic table of the
+    rows' scalar fields."""
+    if results["op"] in OWN_TABLES:
+        return OWN_TABLES[results["op"]](results)
     return readme_block(results) or generic_table(results["rows"])
 
 

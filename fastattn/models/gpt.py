@@ -372,7 +372,10 @@ class GPT(nn.Module):
                 pos = _positions(0, window.shape[1], pad, out.device)
                 logits = self.lm_head(self._hidden(window, caches, pos)[:, -1]).float()
             else:
-                logits = step(out[:, -1:], _positions(caches[0].length, 1, pad, out.device),
+                # The last token as its own (B, 1) tensor, not a view of the growing
+                # ``out``, whose strides would change every step (and recompile).
+                logits = step(out[:, -1:].clone(memory_format=torch.contiguous_format),
+                              _positions(caches[0].length, 1, pad, out.device),
                               caches)                                 # (B, V)
             seen = out if pads is None or repetition_penalty == 1.0 else _real(out, pads)
             nxt = next_token(logits, seen, temperature, top_k, top_p,

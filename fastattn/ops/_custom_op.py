@@ -23,14 +23,20 @@ import torch
 from fastattn.kernels._env import INTERPRET
 
 
+# Bound once: plain_eager runs on every call, and each attribute lookup costs.
+_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_transforms = torch._C._are_functorch_transforms_active
+_profiling = torch.autograd._profiler_enabled
+
+
 def plain_eager() -> bool:
     """Whether a call may skip the custom op: not compiling, no dispatch mode active
     (every tracing and checking mode is one, and must see the op), no functorch
     transform (vmap, grad) active, which handles the custom op its own way, and no
     profiler running (a trace names the ``fastattn::`` ops)."""
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active()
-            and not torch.autograd._profiler_enabled())
+    return (not _compiling() and _dispatch_modes() == 0 and not _functorch_transforms()
+            and not _profiling())
 
 
 class KernelOp:

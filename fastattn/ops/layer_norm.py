@@ -245,8 +245,12 @@ def _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm):
             dyn, hn, wn = dy.float(), h.float(), _f32(weight)
         else:
             dyn, (hn, wn, _) = dy, native
-        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dyn, hn, [n], mean, rstd, wn, None, [True, weight is not None, False])
+        # The bias gradient (Σ dy) does not read the bias, only its shape and dtype, which
+        # the weight shares: passed in its place, the kernel sums dbias in the same pass.
+        fused_db = has_bias and wn is not None
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dyn, hn, [n], mean, rstd, wn, wn if fused_db else None,
+            [True, weight is not None, fused_db])
     if dresidual_out is not None:
         dx = dx + dresidual_out
     dx = _dense(dx) if dx.dtype == h.dtype else _dense(dx.to(h.dtype))
@@ -257,9 +261,10 @@ def _torch_bwd(dy, h, weight, mean, rstd, dresidual_out, has_bias, rms_norm):
     db_dtype = _dbias_dtype(h, weight)
     if not has_bias:
         db = _absent(h, db_dtype)
-    else:
+    elif rms_norm or weight is None:
         db = dy.reshape(-1, n).sum(dim=0, dtype=torch.float32)
-        db = db if db_dtype == torch.float32 else db.to(db_dtype)
+    if db.dtype != db_dtype:
+        db = db.to(db_dtype)
     return dx, dw, db
 
 

@@ -46,11 +46,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     "flash_attention's defaults on CPU: B=1, H=8, D=64, float32, causal, "
                     "T=1024,2048,4096; on CUDA: bfloat16, H=16, D=128, T=1024..16384 with "
                     "B·T = 16384.")
-    p.add_argument("--op", choices=[*registry.names(), "gpt"], default="flash_attention",
+    p.add_argument("--op", choices=[*registry.names(), "gpt", "overhead", "decode"],
+                   default="flash_attention",
                    help="op to benchmark; gpt: naive vs fast GPT training tokens/s (a "
                         "4-layer width-256 model on cpu, GPT-2 small on cuda; --seq, "
                         "--batch, --heads, --dtype, --quick, --save apply; "
-                        "python benchmarks/bench_gpt.py has every knob)")
+                        "python benchmarks/bench_gpt.py has every knob); overhead: host "
+                        "time per call vs torch on tiny tensors, fwd and fwd+bwd; decode: "
+                        "GPT.generate tokens/s, fast vs naive, with and without compile "
+                        "(overhead and decode take --device, --quick, --save)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -115,6 +119,30 @@ def _run_gpt_bench(args: argparse.Namespace) -> int:
         n_head=args.heads, batch=args.batch)
 
 
+def _run_host_bench(args: argparse.Namespace) -> int:
+    """``--op overhead`` / ``--op decode`` (fastattn.tools.bench.overhead / .decode)."""
+    from fastattn.tools.bench import decode, overhead
+
+    given = [flag for flag, on in (("--seq", args.seq is not None),
+                                   ("--batch", args.batch is not None),
+                                   ("--heads", args.heads is not None),
+                                   ("--head-dim", args.head_dim is not None),
+                                   ("--dtype", args.dtype is not None),
+                                   ("--no-causal", not args.causal),
+                                   ("--mode", args.mode is not None),
+                                   ("--ext", args.load_ext),
+                                   ("--malloc", args.malloc != "retain"),
+                                   ("--sweep", args.sweep)) if on]
+    if given:
+        args.parser.error(f"{', '.join(given)} do(es) not apply to --op {args.op} (it takes "
+                          "--device, --quick and --save)")
+    if args.device == "cuda" and not __import__("torch").cuda.is_available():
+        args.parser.error("--device cuda: torch sees no CUDA device here")
+    module = overhead if args.op == "overhead" else decode
+    return module.bench_and_report(" ".join(["fastattn", *args.argv]), args.device,
+                                   args.quick, args.save)
+
+
 def _save(args: argparse.Namespace, doc: dict) -> None:
     """``--save [DIR]``: write the results document and its plot, say where."""
     from fastattn.tools.bench.results import save
@@ -166,6 +194,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.op == "gpt":
         return _run_gpt_bench(args)
+    if args.op in ("overhead", "decode"):
+        return _run_host_bench(args)
 
     cfg = Config(op=args.op, device=args.device, dtype=args.dtype, sizes=args.seq,
                  batch=args.batch, heads=args.heads, head_dim=args.head_dim,

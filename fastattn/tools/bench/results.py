@@ -28,4 +28,6 @@ def save(doc: dict, directory: Path | str | None = None) -> tuple[Path, Path | N
         plot(doc, png)
     except ImportError:
         return path, None, "no plot: matplotlib is not installed (pip install matplotlib)"
+    except ValueError as e:              # a document without a plot (overhead, decode)
+        return path, None, str(e)
     return path, png, ""
