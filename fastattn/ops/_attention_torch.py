@@ -95,6 +95,8 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, *,
     lse (H, total_q). o is contiguous in q.dtype, lse float32. ``alibi``: (B, H) slopes
     (possibly an expand of (H,)), or (H,).
     ``max_seqlen_*`` size the Triton grid; this backend does not need them."""
+    if cu_seqlens_q is None and _plain_aten(q, k, causal, window, softcap, alibi, dropout_p):
+        return _aten_fwd(q, k, v, causal, scale)                  # the common call, directly
     var = _variant(window, softcap, alibi, dropout_p, seed, offset)
     if cu_seqlens_q is not None:
         return _varlen_fwd(q, k, v, causal, scale, var, cu_seqlens_q, cu_seqlens_k)
@@ -109,6 +111,8 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the layouts of q, k, v (dense or varlen), contiguous, in the
     input dtype. The other arguments are those of the forward, and its o and lse."""
+    if cu_seqlens_q is None and _plain_aten(q, k, causal, window, softcap, alibi, dropout_p):
+        return _aten_bwd(do, q, k, v, o, lse, causal, scale)
     var = _variant(window, softcap, alibi, dropout_p, seed, offset)
     if cu_seqlens_q is not None:
         return _varlen_bwd(do, q, k, v, o, lse, causal, scale, var, cu_seqlens_q,
@@ -117,6 +121,32 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
 
 
 # ------------------------------------------------------------------ dense dispatch
+
+
+def _plain_aten(q: Tensor, k: Tensor, causal: bool, window, softcap: float,
+                alibi: Tensor | None, dropout_p: float) -> bool:
+    """``_use_aten_cpu`` for the raw arguments, checked without building a ``_Variant``:
+    the test that keeps the everyday call (no variant but the causal mask) cheap."""
+    return (q.device.type == "cpu" and alibi is None and not softcap and not dropout_p
+            and window[0] < 0 and (window[1] < 0 or (causal and window[1] == 0))
+            and (not causal or q.shape[2] == k.shape[2]) and q.shape[2] > 0 and k.shape[2] > 0)
+
+
+def _aten_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+              ) -> tuple[Tensor, Tensor]:
+    """PyTorch's CPU flash kernel (its causal mask is the square one: Tq == Tk)."""
+    h = q.shape[1]
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, scale=scale)
+    return o.contiguous(), lse.float().contiguous()
+
+
+def _aten_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+              causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    h, hkv = q.shape[1], k.shape[1]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, _expand_kv(k, h), _expand_kv(v, h), o, lse, 0.0, causal, scale=scale)
+    return dq.contiguous(), _sum_groups(dk, hkv).contiguous(), _sum_groups(dv, hkv).contiguous()
 
 
 def _use_aten_cpu(q: Tensor, k: Tensor, var: _Variant) -> bool:
@@ -132,10 +162,7 @@ def _dense_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, var:
     counter (the sequence index in varlen)."""
     folded = var.with_causal(causal)
     if _use_aten_cpu(q, k, folded):
-        h = q.shape[1]
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, _expand_kv(k, h), _expand_kv(v, h), 0.0, folded.right == 0, scale=scale)
-        return o.contiguous(), lse.float().contiguous()
+        return _aten_fwd(q, k, v, folded.right == 0, scale)
     return _blocked_fwd(q, k, v, causal, scale, var, batch0)
 
 
@@ -144,12 +171,7 @@ def _dense_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tens
                ) -> tuple[Tensor, Tensor, Tensor]:
     folded = var.with_causal(causal)
     if _use_aten_cpu(q, k, folded):
-        h, hkv = q.shape[1], k.shape[1]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, _expand_kv(k, h), _expand_kv(v, h), o, lse, 0.0, folded.right == 0,
-            scale=scale)
-        return (dq.contiguous(), _sum_groups(dk, hkv).contiguous(),
-                _sum_groups(dv, hkv).contiguous())
+        return _aten_bwd(do, q, k, v, o, lse, folded.right == 0, scale)
     return _blocked_bwd(do, q, k, v, o, lse, causal, scale, var, batch0)
 
 
