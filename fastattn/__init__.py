@@ -18,6 +18,7 @@ from fastattn.functional import scaled_dot_product_attention
 from fastattn.ops.flash_attention import flash_attention, flash_attention_varlen
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
+from fastattn.ops.linear_cross_entropy import linear_cross_entropy
 from fastattn._swap import SwapReport, enable, enable_globally, swap
 
 __version__ = "0.1.0"
@@ -27,6 +28,6 @@ __all__ = [
     "enable", "enable_globally", "flash_attention", "flash_attention_varlen", "flash_attn_func",
     "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_with_kvcache", "gelu", "layer_norm",
+    "flash_attn_with_kvcache", "gelu", "layer_norm", "linear_cross_entropy",
     "nn", "reference", "rms_norm", "scaled_dot_product_attention", "swap", "use_backend",
 ]

@@ -170,3 +170,55 @@ def gelu(x: Tensor, approximate: str = "none", bias: Tensor | None = None) -> Te
     if approximate == "tanh":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def swiglu(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """SwiGLU: ``silu(a)·b`` with ``silu(a) = a·σ(a)``, σ the logistic sigmoid. With b
+    None, a's last dim is split in halves: gate first, then up."""
+    if b is None:
+        a, b = a.chunk(2, dim=-1)
+    return a * torch.sigmoid(a) * b
+
+
+def geglu(a: Tensor, b: Tensor | None = None, approximate: str = "none") -> Tensor:
+    """GEGLU: ``gelu(a)·b`` (``gelu`` above, exact or tanh); b None splits a as ``swiglu``."""
+    if b is None:
+        a, b = a.chunk(2, dim=-1)
+    return gelu(a, approximate) * b
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotary position embedding of x (B, H, T, D) by the angles whose cosines and sines
+    are ``cos``, ``sin`` (B or 1, T, R/2): pair i of position t turns by θ_ti,
+    ``(x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin)``. Pairs are (i, i + R/2) in the
+    GPT-NeoX layout (transformers' ``rotate_half``) or (2i, 2i + 1) when ``interleaved``
+    (GPT-J); dims R..D pass through unchanged (partial rotary)."""
+    r = 2 * cos.shape[-1]
+    c, s = cos[:, None], sin[:, None]                              # (B|1, 1, T, R/2)
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.chunk(2, dim=-1)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), -1)
+    return torch.cat((out, rest), dim=-1)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float = 0.0) -> Tensor:
+    """Cross-entropy of all the logits ``x·Wᵀ + b`` (..., V) at once against ``target``
+    (...): per row ``(1 − ε)(lse − l_t) + ε(lse − mean_j l_j) + z_loss·lse²`` with
+    ``l = softcap·tanh(logits / softcap)`` when ``softcap > 0``, 0 where ``target ==
+    ignore_index``; "mean" divides the sum by the number of other rows."""
+    logits = F.linear(x, weight, bias)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    keep = target != ignore_index
+    logit_t = logits.gather(-1, torch.where(keep, target, 0)[..., None])[..., 0]
+    loss = ((1.0 - label_smoothing) * (lse - logit_t)
+            + label_smoothing * (lse - logits.mean(dim=-1)) + z_loss * lse * lse)
+    loss = torch.where(keep, loss, 0.0)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / keep.sum()

@@ -31,6 +31,7 @@ from fastattn import nn as fnn
 from fastattn.models.generate import (apply_repetition_penalty, next_token, top_k_filter,
                                       top_p_filter)
 from fastattn.ops.flash_attention import HEAD_DIMS, head_dim_supported
+from fastattn.ops.linear_cross_entropy import linear_cross_entropy
 from fastattn.reference import naive_attention
 
 ATTENTION = ("fast", "naive")
@@ -52,6 +53,7 @@ class GPTConfig:
     approximate: str = "none"              # GELU: "none" (erf) or "tanh"
     checkpointing: bool = False            # recompute each block in backward
     eps: float = 1e-5                      # LayerNorm
+    fused_loss: bool = True                # fast model: LM head + loss fused, in chunks
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -233,10 +235,19 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         """idx: (B, T) int64 token ids, T <= block_size. Returns logits (B, T, V) and,
-        with ``targets`` (B, T) (``-1`` = ignore), the mean cross-entropy in float32."""
+        with ``targets`` (B, T) (``-1`` = ignore), the mean cross-entropy in float32.
+
+        The fast model with ``config.fused_loss`` computes the loss with
+        ``linear_cross_entropy`` (the LM head and the loss in chunks of tokens, never the
+        (B·T, V) logits) and then returns ``None`` for the logits; the naive model keeps
+        the textbook ``lm_head`` + ``cross_entropy``."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-        logits = self.lm_head(self._hidden(idx))                     # (B, T, V)
+        hidden = self._hidden(idx)                                   # (B, T, C)
+        if targets is not None and self.config.fused_loss and self.config.attention == "fast":
+            return None, linear_cross_entropy(hidden, self.lm_head.weight, targets,
+                                              ignore_index=-1)
+        logits = self.lm_head(hidden)                                # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),

@@ -115,7 +115,8 @@ def replaces_module(kind: str, torch_cls: type, fast_cls: type) -> None:
 def function_routes() -> dict[Callable, tuple[OpSpec, Callable]]:
     """torch function -> (op entry, drop-in), for every drop-in layer imported so far
     (``fastattn`` imports them all)."""
-    return {torch_fn: (get(op), dropin) for torch_fn, (op, dropin) in _FUNCTIONS.items()}
+    _load()                         # loading adds routes: before iterating over them
+    return {torch_fn: (get(op), dropin) for torch_fn, (op, dropin) in list(_FUNCTIONS.items())}
 
 
 def module_swaps() -> dict[str, tuple[type, type]]:
