@@ -19,6 +19,8 @@ from fastattn.ops.flash_attention import flash_attention, flash_attention_varlen
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
 from fastattn.ops.linear_cross_entropy import linear_cross_entropy
+from fastattn.ops.rope import apply_rotary_pos_emb, rope
+from fastattn.ops.swiglu import geglu, silu, swiglu
 from fastattn._swap import SwapReport, enable, enable_globally, swap
 
 __version__ = "0.1.0"
@@ -28,6 +30,7 @@ __all__ = [
     "enable", "enable_globally", "flash_attention", "flash_attention_varlen", "flash_attn_func",
     "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_with_kvcache", "gelu", "layer_norm", "linear_cross_entropy",
+    "apply_rotary_pos_emb", "flash_attn_with_kvcache", "gelu", "geglu", "layer_norm",
+    "linear_cross_entropy", "rope", "silu", "swiglu",
     "nn", "reference", "rms_norm", "scaled_dot_product_attention", "swap", "use_backend",
 ]

@@ -347,3 +347,53 @@ class Block(nn.Module):
 
 __all__ = ["Block", "CausalSelfAttention", "GELU", "KVCache", "LayerNorm", "LinearGELU", "MLP",
            "MultiheadAttention", "RMSNorm"]
+
+
+# --------------------------------------------------------------- gated MLPs (SwiGLU, GEGLU)
+
+from fastattn.ops.swiglu import ACTIVATIONS as _GATED_ACTIVATIONS  # noqa: E402
+from fastattn.ops.swiglu import geglu, swiglu  # noqa: E402
+
+
+class SwiGLU(nn.Module):
+    """``act(gate) · up`` in one pass, forward and backward (``fastattn.ops.swiglu``):
+    ``activation`` ``"silu"`` (SwiGLU), ``"gelu"`` or ``"gelu_tanh"`` (GEGLU). No
+    parameters. ``forward(gate, up)`` takes two (…, N) tensors, ``forward(x)`` one
+    (…, 2N) tensor split into gate and up halves. A LlamaMLP-style forward becomes
+    ``down_proj(swiglu(gate_proj(x), up_proj(x)))``."""
+
+    def __init__(self, activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in _GATED_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_GATED_ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+
+    def forward(self, gate: Tensor, up: Tensor | None = None) -> Tensor:
+        if self.activation == "silu":
+            return swiglu(gate, up)
+        return geglu(gate, up, "tanh" if self.activation == "gelu_tanh" else "none")
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class SwiGLUMLP(nn.Module):
+    """The Llama feed-forward, ``down_proj(act(gate_proj(x)) · up_proj(x))``, with the
+    gate fused (``SwiGLU``). Parameters and ``state_dict`` keys are those of
+    transformers' ``LlamaMLP``: ``gate_proj``, ``up_proj`` (C → hidden), ``down_proj``
+    (hidden → C), biases when ``bias=True`` (Llama's ``mlp_bias``). x: (…, C)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation: str = "silu", device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
+        self.act = SwiGLU(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))   # (…, C)
+
+
+__all__ += ["SwiGLU", "SwiGLUMLP"]

@@ -1,10 +1,9 @@
 """``fastattn::linear_cross_entropy_fwd`` / ``_bwd``: the LM head and its loss in chunks.
 
-``linear_cross_entropy(input, linear_weight, target, ...)`` is
-``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` computed
-over chunks of tokens, so the (tokens × vocab) logits (50,257 floats a token for GPT-2)
-are never all in memory. It has ``F.linear_cross_entropy``'s signature (``enable()``
-routes that here) plus the keywords ``z_loss``, ``softcap`` and ``chunk_size``.
+``linear_cross_entropy(input, linear_weight, target, ...)`` is ``F.cross_entropy(F.linear(
+input, linear_weight, linear_bias), target, ...)`` over chunks of tokens: the (tokens ×
+vocab) logits are never all in memory. It has ``F.linear_cross_entropy``'s signature
+(``enable()`` routes that here) and the keywords ``z_loss``, ``softcap``, ``chunk_size``.
 
 Each chunk of R rows: ``logits = x_c·Wᵀ + b`` (a torch matmul, in the input dtype),
 then the row losses and, in place, ``∂loss/∂logits`` (``fastattn.kernels.
@@ -33,8 +32,8 @@ Op semantics (the same for every backend):
   dloss (N,) per row; gradients in x's / weight's / bias's dtype (dbias empty (0,)
   without bias).
 
-Row loss: see ``fastattn.kernels.linear_cross_entropy``; "mean" divides by the rows
-whose target is not ``ignore_index`` (NaN if none, as torch). The loss is float32.
+Row loss: ``fastattn.kernels.linear_cross_entropy``; "mean" divides by the rows whose
+target is not ``ignore_index`` (NaN if none, as torch).
 """
 from __future__ import annotations
 
@@ -66,8 +65,7 @@ def _triton_kernels():
 
 
 def default_chunk_size(n: int, k: int, v: int) -> int:
-    """Rows per chunk: enough that one chunk's logits (rows × v) hold about as many
-    elements as the input (n × k), a power of two, at least ``MIN_CHUNK``, at most n."""
+    """Rows per chunk: logits (rows × v) about input-sized (n × k), a power of two."""
     rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * k / max(v, 1))))))
     return max(1, min(n, max(MIN_CHUNK, rows)))
 
@@ -498,3 +496,5 @@ registry.register(registry.OpSpec(
     launch_kernels=_launch_kernels, launch_sizes=(32000, 50257, 128256)))
 if _TORCH_LCE is not None:
     registry.replaces_function(OP, _TORCH_LCE, linear_cross_entropy)
+else:
+    registry.no_torch_function(OP, "this torch has no F.linear_cross_entropy to replace")

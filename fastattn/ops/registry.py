@@ -70,6 +70,7 @@ _REGISTRY: dict[str, OpSpec] = {}
 # (torch module class, fastattn class).
 _FUNCTIONS: dict[Callable, tuple[str, Callable]] = {}
 _MODULES: dict[str, tuple[type, type]] = {}
+_UNROUTED: dict[str, str] = {}          # family -> why it has no torch function to replace
 
 
 def register(spec: OpSpec) -> OpSpec:
@@ -102,6 +103,20 @@ def replaces_function(op: str, torch_fn: Callable, dropin: Callable) -> None:
     """``enable()`` routes calls of ``torch_fn`` to ``dropin``, which has its signature,
     when the call's first tensor has one of ``op``'s dtypes; other calls run ``torch_fn``."""
     _FUNCTIONS[torch_fn] = (op, dropin)
+
+
+def no_torch_function(family: str, reason: str) -> None:
+    """Declare that ``enable()`` cannot reach ``family``: torch has no function it would
+    replace (``reason`` says so and how models reach the op instead)."""
+    if not reason:
+        raise ValueError(f"{family}: a family without a drop-in must say why")
+    _UNROUTED[family] = reason
+
+
+def unrouted() -> dict[str, str]:
+    """family -> why ``enable()`` has no route to it."""
+    _load()
+    return dict(_UNROUTED)
 
 
 def replaces_module(kind: str, torch_cls: type, fast_cls: type) -> None:
