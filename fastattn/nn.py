@@ -19,6 +19,9 @@ from fastattn.ops.flash_attention import HEAD_DIMS, flash_attention, head_dim_su
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.kvcache import flash_attn_with_kvcache
 from fastattn.ops.layer_norm import layer_norm, rms_norm
+from fastattn.ops.rope import rope
+from fastattn.ops.swiglu import ACTIVATIONS as _GATED_ACTIVATIONS
+from fastattn.ops.swiglu import geglu, swiglu
 
 
 class KVCache:
@@ -88,6 +91,10 @@ class CausalSelfAttention(nn.Module):
 
     Parameters: ``qkv_proj`` (Linear C → (H + 2·Hkv)·D, rows ordered q, k, v) and
     ``out_proj`` (Linear C → C). Input and output are (B, T, C).
+
+    Rotary position embedding: ``forward(x, rotary=(cos, sin))`` turns q and k by the
+    angles cos, sin (B or 1, T, R/2) (GPT-NeoX layout: the first R dims of each head, in
+    halves; the rest pass through) before attention; keys enter a cache turned.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -110,7 +117,8 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                                       # (B, T, (H + 2Hkv)·D)
@@ -118,14 +126,23 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, t, h, d).transpose(1, 2)                       # (B, H, T, D)
         k = k.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
         v = v.view(b, t, hkv, d).transpose(1, 2)                     # (B, Hkv, T, D)
+        if rotary is not None:
+            q, k = self._rotate(q, k, *rotary)
         return q, k, v
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def _rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """q (B, H, T, D) and k (B, Hkv, T, D) turned by the angles cos, sin (B or 1, T,
+        R/2), one launch for both; the textbook GPT overrides it."""
+        return rope(q, k, cos, sin, rotary_dim=2 * cos.shape[-1])
+
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x: (B, T, C) -> (B, T, C). With a ``cache``, x holds only the new positions: their
         keys/values are appended and the queries attend to the whole cache (the causal
-        mask is aligned bottom-right, so T = 1 is plain decoding)."""
+        mask is aligned bottom-right, so T = 1 is plain decoding). ``rotary``: the
+        (cos, sin) angles of x's positions (see the class docstring)."""
         b, t, c = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rotary)
         if cache is None:
             y = self._attend(q, k, v)                                # (B, H, T, D)
         else:
@@ -142,11 +159,12 @@ class CausalSelfAttention(nn.Module):
         return flash_attention(q, k, v, causal=q.shape[2] > 1)
 
     @torch.no_grad()
-    def sink_share(self, x: Tensor, n_sink: int = 1) -> Tensor:
+    def sink_share(self, x: Tensor, n_sink: int = 1,
+                   rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Share of each head's attention that lands on the first ``n_sink`` keys, averaged
         over queries: (H,). Computed from the kernel's log-sum-exp and the first keys,
         ``Σ_{j<n} exp(scale·q_i·k_j − lse_i)``, so it never forms the T×T matrix."""
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rotary)
         _, lse = flash_attention(q, k, v, causal=True, return_lse=True)     # (B, H, T)
         groups = self.n_heads // self.n_kv_heads
         first = k[:, :, :n_sink].repeat_interleave(groups, dim=1)         # (B, H, n, D)
@@ -315,46 +333,6 @@ class MLP(nn.Module):
         return self.dropout(self.proj(self.fc(x)))                   # (B, T, C)
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: ``h = x + attn(ln1(x))``, ``out = h + mlp(ln2(h))``.
-
-    The first residual add is fused into ``ln2`` (one pass computes both ``h`` and
-    ``ln2(h)``). Parameters ``ln1``, ``attn`` (``CausalSelfAttention``), ``ln2``, ``mlp``.
-    """
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
-                 n_kv_heads: int | None = None, mlp_hidden: int | None = None,
-                 approximate: str = "none", eps: float = 1e-5, device=None, dtype=None) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.ln1 = LayerNorm(d_model, eps=eps, bias=bias, **factory)
-        self.attn = CausalSelfAttention(d_model, n_heads, dropout=dropout, bias=bias,
-                                        n_kv_heads=n_kv_heads, **factory)
-        self.ln2 = LayerNorm(d_model, eps=eps, bias=bias, **factory)
-        self.mlp = MLP(d_model, mlp_hidden, dropout=dropout, bias=bias,
-                       approximate=approximate, **factory)
-
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        a = self.attn(self.ln1(x), cache)                            # (B, T, C)
-        # Under autocast a is in the autocast dtype and the residual stream x keeps its
-        # own: the sum takes the promoted dtype, as eager x + a would.
-        if a.dtype != x.dtype:
-            dtype = torch.promote_types(a.dtype, x.dtype)
-            a, x = a.to(dtype), x.to(dtype)
-        y, h = self.ln2(a, residual=x, return_residual=True)          # h = x + a
-        return h + self.mlp(y)
-
-
-__all__ = ["Block", "CausalSelfAttention", "GELU", "KVCache", "LayerNorm", "LinearGELU", "MLP",
-           "MultiheadAttention", "RMSNorm"]
-
-
-# --------------------------------------------------------------- gated MLPs (SwiGLU, GEGLU)
-
-from fastattn.ops.swiglu import ACTIVATIONS as _GATED_ACTIVATIONS  # noqa: E402
-from fastattn.ops.swiglu import geglu, swiglu  # noqa: E402
-
-
 class SwiGLU(nn.Module):
     """``act(gate) · up`` in one pass, forward and backward (``fastattn.ops.swiglu``):
     ``activation`` ``"silu"`` (SwiGLU), ``"gelu"`` or ``"gelu_tanh"`` (GEGLU). No
@@ -381,19 +359,89 @@ class SwiGLUMLP(nn.Module):
     """The Llama feed-forward, ``down_proj(act(gate_proj(x)) · up_proj(x))``, with the
     gate fused (``SwiGLU``). Parameters and ``state_dict`` keys are those of
     transformers' ``LlamaMLP``: ``gate_proj``, ``up_proj`` (C → hidden), ``down_proj``
-    (hidden → C), biases when ``bias=True`` (Llama's ``mlp_bias``). x: (…, C)."""
+    (hidden → C), biases when ``bias=True`` (Llama's ``mlp_bias``). x: (…, C).
+    ``dropout`` (the GPT's residual dropout, after ``down_proj``) has no parameters."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 activation: str = "silu", device=None, dtype=None) -> None:
+                 activation: str = "silu", device=None, dtype=None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
         self.act = SwiGLU(activation)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))   # (…, C)
+        y = self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))      # (…, C)
+        return self.dropout(y)
 
 
-__all__ += ["SwiGLU", "SwiGLUMLP"]
+NORMS = ("layer", "rms")
+MLPS = ("gelu", "swiglu")
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
+    """Llama's SwiGLU width for model width C: ``8·C/3`` (two thirds of the GELU MLP's
+    4·C, so its three matrices hold as many weights as the GELU MLP's two), rounded up
+    to a multiple of ``multiple_of``. Llama rounds to 256 at its widths (4096 → 11008);
+    64 keeps small models near 8·C/3 (64 → 192, where 256 would give 4·C)."""
+    return -(-(8 * d_model // 3) // multiple_of) * multiple_of
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``h = x + attn(ln1(x))``, ``out = h + mlp(ln2(h))``.
+
+    The first residual add is fused into ``ln2`` (one pass computes both ``h`` and
+    ``ln2(h)``). Parameters ``ln1``, ``attn`` (``CausalSelfAttention``), ``ln2``, ``mlp``.
+
+    ``norm``: ``"layer"`` (``LayerNorm``, GPT-2) or ``"rms"`` (``RMSNorm``, Llama; no
+    bias whatever ``bias`` says). ``mlp``: ``"gelu"`` (``MLP``) or ``"swiglu"``
+    (``SwiGLUMLP``, hidden width ``mlp_hidden``, default ``swiglu_hidden(d_model)``).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 n_kv_heads: int | None = None, mlp_hidden: int | None = None,
+                 approximate: str = "none", eps: float = 1e-5, device=None, dtype=None,
+                 norm: str = "layer", mlp: str = "gelu") -> None:
+        super().__init__()
+        _check_choice("norm", norm, NORMS)
+        _check_choice("mlp", mlp, MLPS)
+        factory = {"device": device, "dtype": dtype}
+        self.ln1 = _norm(norm, d_model, eps, bias, factory)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout=dropout, bias=bias,
+                                        n_kv_heads=n_kv_heads, **factory)
+        self.ln2 = _norm(norm, d_model, eps, bias, factory)
+        if mlp == "gelu":
+            self.mlp = MLP(d_model, mlp_hidden, dropout=dropout, bias=bias,
+                           approximate=approximate, **factory)
+        else:
+            hidden = swiglu_hidden(d_model) if mlp_hidden is None else mlp_hidden
+            self.mlp = SwiGLUMLP(d_model, hidden, bias=bias, dropout=dropout, **factory)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        a = self.attn(self.ln1(x), cache, rotary)                    # (B, T, C)
+        # Under autocast a is in the autocast dtype and the residual stream x keeps its
+        # own: the sum takes the promoted dtype, as eager x + a would.
+        if a.dtype != x.dtype:
+            dtype = torch.promote_types(a.dtype, x.dtype)
+            a, x = a.to(dtype), x.to(dtype)
+        y, h = self.ln2(a, residual=x, return_residual=True)          # h = x + a
+        return h + self.mlp(y)
+
+
+def _norm(kind: str, d_model: int, eps: float, bias: bool, factory: dict) -> nn.Module:
+    if kind == "rms":
+        return RMSNorm(d_model, eps=eps, **factory)
+    return LayerNorm(d_model, eps=eps, bias=bias, **factory)
+
+
+__all__ = ["Block", "CausalSelfAttention", "GELU", "KVCache", "LayerNorm", "LinearGELU", "MLP",
+           "MultiheadAttention", "RMSNorm", "SwiGLU", "SwiGLUMLP", "swiglu_hidden"]

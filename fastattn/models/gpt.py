@@ -4,9 +4,10 @@
 
 * ``"fast"``: ``fastattn.nn.Block`` — flash attention (no T×T matrix), fastattn's
   LayerNorm with the first residual add fused into ``ln2``, a fused Linear + GELU.
-* ``"naive"``: ``NaiveBlock`` below — ``nn.LayerNorm``, attention that materialises the
-  (B, H, T, T) softmax with ``masked_fill(-inf)`` (``fastattn.reference.naive_attention``),
-  ``nn.Linear`` + ``nn.GELU``: the model users already have, and the benchmarks' baseline.
+* ``"naive"``: ``NaiveBlock`` (``models/naive.py``) — ``nn.LayerNorm``, attention that
+  materialises the (B, H, T, T) softmax with ``masked_fill(-inf)``
+  (``fastattn.reference.naive_attention``), ``nn.Linear`` + ``nn.GELU``: the model users
+  already have, and the benchmarks' baseline.
 
 Both have the same parameter names and shapes (``blocks.i.ln1``, ``blocks.i.attn.qkv_proj``,
 ``blocks.i.attn.out_proj``, ``blocks.i.ln2``, ``blocks.i.mlp.fc``, ``blocks.i.mlp.proj``),
@@ -14,6 +15,17 @@ so one state dict loads into either and they compute the same function.
 
 Architecture (GPT-2): token + learned position embeddings, dropout, ``n_layer`` pre-LN
 blocks, a final LayerNorm, and an output head tied to the token embedding.
+
+Llama-style with ``GPTConfig(pos="rope", mlp="swiglu", norm="rms")`` (usually also
+``bias=False`` and ``n_kv_head`` < ``n_head``); fast and naive still share one state dict:
+
+* ``pos="rope"``: no ``wpe``; q and k of every layer turn by the angles
+  ``pos · rope_base^(-2i/R)`` (GPT-NeoX layout, the first R = ``rope_dim`` dims of each
+  head, default all). Positions are absolute: cached keys are stored turned, and a
+  left-padded row counts from its first real token.
+* ``mlp="swiglu"``: ``down_proj(silu(gate_proj(x)) · up_proj(x))``, hidden ``mlp_hidden``
+  or ``fastattn.nn.swiglu_hidden(n_embd)`` (8·C/3 rounded up to a multiple of 64).
+* ``norm="rms"``: ``RMSNorm`` (a weight, no bias) for ``ln1``, ``ln2`` and ``ln_f``.
 """
 from __future__ import annotations
 
@@ -30,30 +42,38 @@ from fastattn import nn as fnn
 # The filters lived here before generate.py; still importable from this module.
 from fastattn.models.generate import (apply_repetition_penalty, next_token, top_k_filter,
                                       top_p_filter)
+# The textbook blocks lived here before naive.py; still importable from this module.
+from fastattn.models.naive import (NaiveBlock, NaiveCausalSelfAttention, NaiveMLP, NaiveRMSNorm,
+                                   NaiveSwiGLUMLP, naive_norm)
 from fastattn.ops.flash_attention import HEAD_DIMS, head_dim_supported
 from fastattn.ops.linear_cross_entropy import linear_cross_entropy
-from fastattn.reference import naive_attention
 
 ATTENTION = ("fast", "naive")
 APPROXIMATE = ("none", "tanh")
+POS = ("learned", "rope")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 256                  # bytes; a BPE tokenizer sets its own
-    block_size: int = 256                  # longest sequence (position embeddings)
+    block_size: int = 256                  # longest sequence (the context window)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None           # grouped-query attention; None = n_head
     n_embd: int = 256
-    mlp_hidden: int | None = None          # None = 4 * n_embd
+    mlp_hidden: int | None = None          # None: 4·n_embd; swiglu: swiglu_hidden(n_embd)
     dropout: float = 0.0                   # embedding and residual dropout
-    bias: bool = True                      # in Linears and LayerNorms
+    bias: bool = True                      # in Linears and LayerNorms (RMSNorm has none)
     attention: str = "fast"                # "fast" (fastattn) or "naive" (textbook)
     approximate: str = "none"              # GELU: "none" (erf) or "tanh"
     checkpointing: bool = False            # recompute each block in backward
-    eps: float = 1e-5                      # LayerNorm
+    eps: float = 1e-5                      # LayerNorm / RMSNorm
     fused_loss: bool = True                # fast model: LM head + loss fused, in chunks
+    pos: str = "learned"                   # "learned" (GPT-2's wpe) or "rope" (rotary)
+    rope_base: float = 10000.0             # rotary angles pos · base^(-2i/R)
+    rope_dim: int | None = None            # R, rotated dims per head; None = head dim
+    mlp: str = "gelu"                      # "gelu" (GPT-2) or "swiglu" (Llama)
+    norm: str = "layer"                    # "layer" (LayerNorm) or "rms" (RMSNorm)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -77,6 +97,31 @@ class GPTConfig:
                              f"got {self.n_kv_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_llama_options()
+
+    def _check_llama_options(self) -> None:
+        for name, allowed in (("pos", POS), ("mlp", fnn.MLPS), ("norm", fnn.NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
+                or not self.rope_base > 1:
+            raise ValueError(f"rope_base must be a number > 1, got {self.rope_base!r}")
+        if self.rope_dim is not None:
+            if self.pos != "rope":
+                raise ValueError(f"rope_dim={self.rope_dim!r} needs pos='rope', got "
+                                 f"pos={self.pos!r}")
+            r, d = self.rope_dim, self.head_dim
+            if not isinstance(r, int) or r % 2 != 0 or not 2 <= r <= d:
+                raise ValueError(f"rope_dim must be an even integer in [2, head dim {d}], "
+                                 f"got {r!r}")
+        if self.mlp == "swiglu" and self.approximate != "none":
+            raise ValueError(f"approximate={self.approximate!r} picks the GELU of mlp='gelu'; "
+                             "mlp='swiglu' has no GELU (leave approximate='none')")
+
+    @property
+    def rotary_dim(self) -> int:
+        """R: the dims of each head that rotary embedding turns (with pos='rope')."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
 
     @property
     def head_dim(self) -> int:
@@ -110,99 +155,50 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# ------------------------------------------------------------------ naive blocks
-
-
-class NaiveCausalSelfAttention(fnn.CausalSelfAttention):
-    """Textbook causal self-attention: the (B, H, T, T) scores are masked with ``-inf``
-    above the diagonal and softmaxed. Parameters, projections and cache handling are
-    ``fastattn.nn.CausalSelfAttention``'s; only the attention itself differs."""
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return naive_attention(q, k, v, causal=True)
-
-    def attention_probs(self, x: Tensor) -> Tensor:
-        """The explicit causal softmax matrix of x (B, T, C): (B, H, T, T)."""
-        q, k, _ = self._qkv(x)
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
-        t = q.shape[2]
-        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5      # (B, H, T, T)
-        mask = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
-        return scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1)
-
-    @torch.no_grad()
-    def sink_share(self, x: Tensor, n_sink: int = 1) -> Tensor:
-        """Share of each head's attention on the first ``n_sink`` keys, averaged over
-        batch and queries, read off the explicit softmax: (H,)."""
-        return self.attention_probs(x)[..., :n_sink].sum(-1).mean(dim=(0, 2))
-
-
-class NaiveMLP(nn.Module):
-    """Linear -> GELU -> Linear -> dropout, parameters named as ``fastattn.nn.MLP``."""
-
-    def __init__(self, d_model: int, hidden: int | None = None, dropout: float = 0.0,
-                 bias: bool = True, approximate: str = "none") -> None:
-        super().__init__()
-        hidden = 4 * d_model if hidden is None else hidden
-        self.fc = nn.Linear(d_model, hidden, bias=bias)
-        self.act = nn.GELU(approximate=approximate)
-        self.proj = nn.Linear(hidden, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
-
-
-class NaiveBlock(nn.Module):
-    """Pre-LN transformer block from ``torch.nn`` pieces; parameters as ``fastattn.nn.Block``."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
-                 n_kv_heads: int | None = None, mlp_hidden: int | None = None,
-                 approximate: str = "none", eps: float = 1e-5) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.attn = NaiveCausalSelfAttention(d_model, n_heads, dropout, bias, n_kv_heads)
-        self.ln2 = nn.LayerNorm(d_model, eps=eps, bias=bias)
-        self.mlp = NaiveMLP(d_model, mlp_hidden, dropout, bias, approximate)
-
-    def forward(self, x: Tensor, cache: fnn.KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), cache=cache)
-        return x + self.mlp(self.ln2(x))
-
-
 # -------------------------------------------------------------------------- GPT
 
 
 class GPT(nn.Module):
-    """GPT-2 style language model; ``config.attention`` chooses fast or naive blocks."""
+    """GPT-2 style language model; ``config.attention`` chooses fast or naive blocks, and
+    ``pos``, ``mlp``, ``norm`` make it Llama-style (see the module docstring)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = c = config
-        fast = c.attention == "fast"
-        block, norm = (fnn.Block, fnn.LayerNorm) if fast else (NaiveBlock, nn.LayerNorm)
+        block = fnn.Block if c.attention == "fast" else NaiveBlock
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        # Rotary models have no position parameters: the angles come from positions.
+        self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             block(c.n_embd, c.n_head, dropout=c.dropout, bias=c.bias, n_kv_heads=c.n_kv_head,
-                  mlp_hidden=c.mlp_hidden, approximate=c.approximate, eps=c.eps)
+                  mlp_hidden=c.mlp_hidden, approximate=c.approximate, eps=c.eps,
+                  norm=c.norm, mlp=c.mlp)
             for _ in range(c.n_layer))
-        self.ln_f = norm(c.n_embd, eps=c.eps, bias=c.bias)
+        self.ln_f = self._final_norm()
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight           # tied: one (V, C) matrix
         self.reset_parameters()
 
+    def _final_norm(self) -> nn.Module:
+        c = self.config
+        if c.attention == "fast":
+            return fnn.RMSNorm(c.n_embd, eps=c.eps) if c.norm == "rms" else \
+                fnn.LayerNorm(c.n_embd, eps=c.eps, bias=c.bias)
+        return naive_norm(c.norm, c.n_embd, c.eps, c.bias)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 init: matrices and embeddings N(0, 0.02), the residual projections
-        (``attn.out_proj``, ``mlp.proj``) N(0, 0.02 / sqrt(2·n_layer)) because each block
-        adds two of them to the residual stream; biases 0, LayerNorm gains 1.
+        (``attn.out_proj``, ``mlp.proj``, SwiGLU's ``mlp.down_proj``) N(0, 0.02 /
+        sqrt(2·n_layer)) because each block adds two of them to the residual stream;
+        biases 0, norm gains 1.
         Set by parameter name and shape, so fast and naive models initialise alike."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                residual = name.endswith(("attn.out_proj.weight", "mlp.proj.weight"))
+                residual = name.endswith(("attn.out_proj.weight", "mlp.proj.weight",
+                                          "mlp.down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=residual_std if residual else 0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -211,25 +207,40 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    def _embed(self, idx: Tensor, pos: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Token ids (B, T) at positions ``pos`` ((T,) or (B, T)) -> the input of the first
+        block (B, T, C), and the rotary angles (cos, sin) (B or 1, T, R/2) in float32
+        with pos='rope' (None with learned positions)."""
+        x = self.wte(idx)                                            # (B, T, C)
+        if self.wpe is not None:
+            return x + self.wpe(pos), None
+        c = self.config
+        r = c.rotary_dim
+        inv_freq = 1.0 / c.rope_base ** (
+            torch.arange(0, r, 2, device=idx.device, dtype=torch.float32) / r)  # (R/2,)
+        pos = pos if pos.dim() == 2 else pos[None]                   # (B|1, T)
+        angles = pos.float()[..., None] * inv_freq                   # (B|1, T, R/2)
+        return x, (angles.cos(), angles.sin())
+
     def _hidden(self, idx: Tensor, caches: list[fnn.KVCache] | None = None,
                 pos: Tensor | None = None) -> Tensor:
         """Token ids (B, T) at positions ``pos`` ((T,) or (B, T); default 0..T-1) ->
-        final-LayerNorm output (B, T, C)."""
+        final-norm output (B, T, C)."""
         t = idx.shape[1]
         if pos is None:
             if t > self.config.block_size:
                 raise ValueError(f"sequence length {t} exceeds the model's block_size "
-                                 f"{self.config.block_size} (its number of position "
-                                 "embeddings)")
+                                 f"{self.config.block_size} (its context window)")
             pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                  # (B, T, C)
+        x, rotary = self._embed(idx, pos)
+        x = self.drop(x)                                             # (B, T, C)
         recompute = self.config.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             if recompute and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rotary=rotary, use_reentrant=False)
             else:
-                x = block(x, cache=cache)
+                x = block(x, cache=cache, rotary=rotary)
         return self.ln_f(x)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None
@@ -417,12 +428,11 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            pos = torch.arange(idx.shape[1], device=idx.device)
-            x = self.wte(idx) + self.wpe(pos)                         # (B, T, C)
+            x, rotary = self._embed(idx, torch.arange(idx.shape[1], device=idx.device))
             shares = []
             for block in self.blocks:
-                shares.append(block.attn.sink_share(block.ln1(x), n_sink).float())
-                x = block(x)
+                shares.append(block.attn.sink_share(block.ln1(x), n_sink, rotary).float())
+                x = block(x, rotary=rotary)
             return torch.stack(shares)                                # (L, H)
         finally:
             self.train(was_training)
@@ -434,7 +444,8 @@ class GPT(nn.Module):
         the token and position embeddings (Kaplan et al.'s N)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.wte.weight.numel()
+            n -= 0 if self.wpe is None else self.wpe.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -479,4 +490,5 @@ def _real(tokens: Tensor, pads: Tensor) -> Tensor:
 
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "NaiveBlock", "NaiveCausalSelfAttention", "NaiveMLP",
-           "apply_repetition_penalty", "top_k_filter", "top_p_filter"]
+           "NaiveRMSNorm", "NaiveSwiGLUMLP", "apply_repetition_penalty", "top_k_filter",
+           "top_p_filter"]

@@ -6,7 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from fastattn.models.gpt import ATTENTION, PRESETS
+from fastattn.models.gpt import ATTENTION, POS, PRESETS
+from fastattn.nn import MLPS, NORMS
 
 # Training defaults per preset; anything not here comes from DEFAULTS.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -22,15 +23,17 @@ DEFAULTS: dict[str, Any] = dict(
     preset="tiny", data=None, tokenizer="byte", vocab_size=None, val_fraction=0.05,
     cache_dir=None, attention="fast", n_layer=None, n_head=None, n_kv_head=None,
     n_embd=None, block_size=None, mlp_hidden=None, dropout=None, bias=None,
-    approximate=None, checkpointing=None, batch_size=16, grad_accum=1, max_steps=1000,
-    lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0, device="auto", dtype="auto", compile=False, fsdp=False, seed=0,
-    peak_tflops=None, out_dir=None, eval_interval=250, eval_iters=20, log_interval=10,
-    ckpt_interval=None, keep_checkpoints=False, resume=None, sink_threshold=0.5,
-    progress=True, plot=True)
+    approximate=None, checkpointing=None, pos=None, mlp=None, norm=None, batch_size=16,
+    grad_accum=1, max_steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1,
+    beta1=0.9, beta2=0.95, grad_clip=1.0, device="auto", dtype="auto", compile=False,
+    fsdp=False, seed=0, peak_tflops=None, out_dir=None, eval_interval=250, eval_iters=20,
+    log_interval=10, ckpt_interval=None, keep_checkpoints=False, resume=None,
+    sink_threshold=0.5, progress=True, plot=True)
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden",
-               "dropout", "bias", "approximate", "checkpointing", "attention")
-SHAPE_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "bias")
+               "dropout", "bias", "approximate", "checkpointing", "attention", "pos", "mlp",
+               "norm")
+SHAPE_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "bias",
+               "pos", "mlp", "norm")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +67,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--approximate", choices=["none", "tanh"], help="GELU form (default none)")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
                    help="activation checkpointing: recompute each block in backward")
+    # Llama-style: --pos rope --mlp swiglu --norm rms (with --no-bias, --n-kv-head).
+    g.add_argument("--pos", choices=POS, help="positions: learned embeddings (default) or "
+                                              "rope (rotary q, k)")
+    g.add_argument("--mlp", choices=MLPS, help="feed-forward: gelu (default) or swiglu")
+    g.add_argument("--norm", choices=NORMS, help="norms: layer (default) or rms")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="rows per micro-batch per rank")
     g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")

@@ -309,6 +309,8 @@ def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
     return {"job": job.index, "op": job.case.op, "dtype": job.case.dtype,
             "size": job.case.label, "causal": job.case.causal, "kernel": job.fn.__name__,
             "config": f"{tiles} w{num_warps} s{num_stages}", "default": job.default,
+            "constexprs": " ".join(f"{k}={v}" for k, v in sorted(job.kwargs.items())
+                                   if not k.startswith("BLOCK_")),
             "arch": job.arch, "smem_limit": SMEM_LIMIT[job.arch]}
 
 
