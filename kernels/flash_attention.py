@@ -59,7 +59,7 @@ so a window of W keys costs O(T·W), not O(T²). Blocks visible in full to every
 meet run without a mask; only blocks that straddle an edge of the window or hold the key
 tail (Tk not a multiple of BLOCK_N) apply one. Lanes outside the tensors (the query tail,
 the head-dim padding) load zeros, which add nothing to any dot product, and are never
-stored; in the backward, query rows past Tq load L = +inf, so their P is 0.
+stored; in the backward, query rows past Tq also load dO = 0, so they add nothing.
 
 Variable lengths (varlen): sequences of different lengths packed along one token axis,
 q (total_q, H, D), sequence b owning rows cu_seqlens_q[b] : cu_seqlens_q[b + 1] (and
@@ -158,70 +158,65 @@ def _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
     return slope
 
 
-@triton.jit
-def _split_blocks(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Blocks of BLOCK rows (starting at multiples of BLOCK) over the rows [lo, hi) that
-    some row of the other side sees, of which those inside [full_lo, full_hi) are seen
-    by all of them. Returns (start, mid_lo, mid_hi, end): the blocks starting in
-    [start, mid_lo) and [mid_hi, end) need the mask, those in [mid_lo, mid_hi) do not.
-    Expects 0 <= lo <= full_lo, and full_hi <= hi or full_hi the padded end of the
-    rows (rows past the end are harmless); everything is empty when lo >= hi."""
-    # Operands are >= 0, so // rounds down on GPU and in the interpreter alike.
-    start = lo // BLOCK * BLOCK
-    mid_lo = (full_lo + BLOCK - 1) // BLOCK * BLOCK
-    mid_hi = tl.maximum(full_hi, 0) // BLOCK * BLOCK
-    end = tl.where(lo < hi, hi, start)
-    # No block is seen in full: the masked head covers [start, end).
-    whole = mid_lo < mid_hi
-    mid_lo = tl.where(whole, mid_lo, end)
-    mid_hi = tl.where(whole, mid_hi, end)
-    return start, mid_lo, mid_hi, end
+# Block ranges. A program of the forward or dQ visits the key blocks starting in
+# [start, end), a dK/dV program the query blocks; those starting in [mid_lo, mid_hi) are
+# seen in full by every row they meet and run without a mask, those in [start, mid_lo)
+# and [mid_hi, end) apply it. Only a left bound makes key blocks before the unmasked ones
+# (and query blocks after them), so without one that loop is left out at compile time,
+# and the ranges are then computed exactly as before the windows came: ptxas is
+# sensitive to them (rewritten as a general split they cost the causal forward 15-40
+# more registers per thread on sm_90, and made dK/dV at D = 128 spill). Operands of //
+# are >= 0, so it rounds down on GPU and in the interpreter alike.
 
 
 @triton.jit
 def _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``_split_blocks`` of the keys for the query rows [m0, m0 + BLOCK_M)."""
-    # Row i sees keys [i + off - left, i + off + right]; rows past Tq do not count.
-    first = m0 + (Tk - Tq)
-    last = tl.minimum(m0 + BLOCK_M, Tq) - 1 + (Tk - Tq)
-    lo = 0
-    full_lo = 0
-    hi = Tk
-    full_hi = Tk
-    if HAS_LEFT:
-        lo = tl.maximum(first - left, 0)
-        full_lo = tl.maximum(last - left, 0)
+    """(start, mid_lo, mid_hi, end) of the key blocks for the query rows
+    [m0, m0 + BLOCK_M), which see keys [i + off - left, i + off + right]."""
+    first = m0 + (Tk - Tq)              # the first row's diagonal key
+    last = first + BLOCK_M - 1          # the last row's (padding rows count: harmless)
+    start = 0
+    mid_lo = 0
+    mid_hi = Tk // BLOCK_N * BLOCK_N    # the block holding the key tail is masked
+    end = Tk
     if HAS_RIGHT:
-        hi = tl.minimum(last + right + 1, Tk)
-        full_hi = tl.minimum(first + right + 1, Tk)
-    return _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
+        mid_hi = tl.minimum(tl.maximum(first + right + 1, 0), Tk) // BLOCK_N * BLOCK_N
+        end = tl.minimum(last + right + 1, Tk)
+    if HAS_LEFT:
+        start = tl.maximum(first - left, 0) // BLOCK_N * BLOCK_N
+        mid_lo = (tl.maximum(last - left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        # No block seen in full: [start, end) is all masked, split at mid_lo.
+        mid_lo = tl.maximum(tl.minimum(mid_lo, end), start)
+        mid_hi = tl.maximum(mid_hi, mid_lo)
+    return start, mid_lo, mid_hi, end
 
 
 @triton.jit
 def _query_blocks(n0, Tq, Tk, left, right, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``_split_blocks`` of the queries for the keys [n0, n0 + BLOCK_N)."""
-    # Key j is seen by rows [j - off - right, j - off + left].
-    first = n0 - (Tk - Tq)
-    last = tl.minimum(n0 + BLOCK_N, Tk) - 1 - (Tk - Tq)
-    # Rows past Tq are harmless without a mask (their P is 0), so the query tail may
-    # run in the unmasked loop: the full range extends to the padded end.
-    padded = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
-    lo = 0
-    full_lo = 0
-    hi = Tq
-    full_hi = padded
+    """(start, mid_lo, mid_hi, end) of the query blocks for the keys [n0, n0 + BLOCK_N),
+    which rows [j - off - right, j - off + left] see. Rows past Tq are harmless without
+    a mask (see _load_lse2): the unmasked blocks may run into them."""
+    first = n0 - (Tk - Tq)              # the row whose diagonal is key n0
+    last = first + BLOCK_N - 1          # the row of the block's last key (padding counts)
+    start = 0
+    mid_lo = 0
+    mid_hi = Tq
+    end = Tq
     if HAS_RIGHT:
-        lo = tl.maximum(first - right, 0)
-        full_lo = tl.maximum(last - right, 0)
-    if HAS_LEFT:
-        hi = tl.minimum(last + left + 1, Tq)
-        full_hi = tl.minimum(first + left + 1, Tq)
-        full_hi = tl.where(full_hi == Tq, padded, full_hi)
+        start = tl.maximum(first - right, 0) // BLOCK_M * BLOCK_M
+        mid_lo = (tl.maximum(last - right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     # The block holding the key tail masks its padded keys against every query block.
-    full_hi = tl.where(n0 + BLOCK_N > Tk, 0, full_hi)
-    return _split_blocks(lo, hi, full_lo, full_hi, BLOCK_M)
+    mid_lo = tl.minimum(tl.where(n0 + BLOCK_N > Tk, Tq, mid_lo), Tq)
+    if HAS_LEFT:
+        end = tl.minimum(last + left + 1, Tq)
+        padded = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+        mid_hi = tl.minimum(tl.maximum(first + left + 1, 0), padded) // BLOCK_M * BLOCK_M
+        # No block seen in full: [start, end) is all masked, split at mid_lo.
+        mid_lo = tl.maximum(tl.minimum(mid_lo, end), start)
+        mid_hi = tl.maximum(mid_hi, mid_lo)
+    return start, mid_lo, mid_hi, end
 
 
 @triton.jit
@@ -382,14 +377,16 @@ def _attn_fwd_kernel(
     bh = b * H + h
     start, mid_lo, mid_hi, end = _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT,
                                              HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # Masked blocks before the window's fully visible middle, the middle, masked after.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
-                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
-                                    qk_scale, softcap2, slope2, left, right,
-                                    bh, seed, offset, dropout_p,
-                                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                    IEEE, DOT_FP32, BLOCK_N)
+    # Masked blocks before the fully visible middle (only a left bound makes them), the
+    # middle, masked blocks after it (the diagonal, the key tail).
+    if HAS_LEFT:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
+                                        stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk,
+                                        off, qk_scale, softcap2, slope2, left, right,
+                                        bh, seed, offset, dropout_p,
+                                        True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                        IEEE, DOT_FP32, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
@@ -453,6 +450,19 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI: tl.constexpr):
+    """L of ``rows`` in log2 units. Rows past Tq load q = dO = 0, so their scores are 0
+    and P = exp2(0 - L) is harmless (it meets dO = 0) with L = 0; ALiBi gives them a
+    bias, which may push P past fp32 (inf · 0 = NaN), so with ALiBi they load L = +inf
+    and P = 0. (Not +inf always: on sm_90 it costs dK/dV at D = 256 a spill.)"""
+    if ALIBI:
+        lse = tl.load(LSE + rows * stride_lm, mask=row_ok, other=float("inf"))
+    else:
+        lse = tl.load(LSE + rows * stride_lm, mask=row_ok, other=0.0)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's head's rows
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          stride_lm, stride_dem,
@@ -466,8 +476,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's hea
     """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi).
 
     Works on transposed scores (keys × queries) so that dV = (P∘z)ᵀ·dO and dK = dSᵀ·Q
-    are plain dots. Query rows past Tq load q = dO = Δ = 0 and L = +inf, which makes
-    their P, dS and dO rows zero; they add nothing. dv leaves without the dropout's
+    are plain dots. Query rows past Tq load q = dO = Δ = 0, which makes their dS and dO
+    rows zero (see _load_lse2 for P); they add nothing. dv leaves without the dropout's
     1 / (1 - p), which the caller applies once."""
     cols = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
@@ -478,8 +488,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's hea
                     mask=q_mask, other=0.0)                          # (BLOCK_M, BLOCK_D)
         do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=q_mask, other=0.0)                         # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE + rows * stride_lm, mask=row_ok,
-                       other=float("inf")) * 1.4426950408889634
+        lse2 = _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI)
         delta = tl.load(DELTA + rows * stride_dem, mask=row_ok, other=0.0)
         s_t, t_t = _scores(_dot(k, tl.trans(q), IEEE, DOT_FP32), rows[None, :], cols, off,
                            qk_scale, softcap2, slope2, SOFTCAP, ALIBI)  # (BLOCK_N, BLOCK_M)
@@ -491,13 +500,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's hea
             log2_p_t = tl.where(_visible(rows[None, :], cols, off, left, right, Tk,
                                          HAS_LEFT, HAS_RIGHT), log2_p_t, float("-inf"))
         p_t = tl.exp2(log2_p_t)
-        dp_t = _dot(v, tl.trans(do), IEEE, DOT_FP32)                 # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep_t = _dropout_keep(rows[None, :], cols, bh, seed, offset, dropout_p)
             dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, IEEE, DOT_FP32)
-            dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
             dv += _dot(p_t.to(do.dtype), do, IEEE, DOT_FP32)
+        dp_t = _dot(v, tl.trans(do), IEEE, DOT_FP32)                 # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -556,7 +566,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    # Key rows past Tk load zeros, are masked out of P, and are never stored.
+    # Key rows past Tk load zeros and are never stored; what they compute stays in
+    # their own rows of dk and dv.
     kv_mask = (offs_n < Tk)[:, None] & d_mask[None, :]
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)                             # (BLOCK_N, BLOCK_D)
@@ -577,6 +588,8 @@ def _attn_bwd_dkdv_kernel(
         DELTAh = DELTA + b * stride_deb + h * stride_deh + q_start * stride_dem
         slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
         bh = b * (Hkv * GROUP) + h
+        # Masked query blocks (the window's right edge, the diagonal, the key tail), the
+        # unmasked middle, masked blocks past the left edge.
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
                                       stride_lm, stride_dem,
@@ -593,14 +606,15 @@ def _attn_bwd_dkdv_kernel(
                                       bh, seed, offset, dropout_p,
                                       False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
                                       IEEE, DOT_FP32, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
-                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_lm, stride_dem,
-                                      offs_n, offs_m, offs_d, d_mask, mid_hi, end,
-                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
-                                      bh, seed, offset, dropout_p,
-                                      True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, BLOCK_M)
+        if HAS_LEFT:   # rows past the key block's window: only a left bound makes them
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+                                          stride_qm, stride_qd, stride_dom, stride_dod,
+                                          stride_lm, stride_dem,
+                                          offs_n, offs_m, offs_d, d_mask, mid_hi, end,
+                                          Tq, Tk, off, qk_scale, softcap2, slope2, left,
+                                          right, bh, seed, offset, dropout_p,
+                                          True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                                          DROPOUT, IEEE, DOT_FP32, BLOCK_M)
 
     dk *= sm_scale
     if DROPOUT:
@@ -711,9 +725,8 @@ def _attn_bwd_dq_kernel(
                 mask=q_mask, other=0.0)                              # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=q_mask, other=0.0)                             # (BLOCK_M, BLOCK_D)
-    # Rows past Tq get L = +inf (so P = 0), Δ = 0 and dO = 0, so their dS is 0.
-    lse2 = tl.load(LSE + offs_m * stride_lm, mask=row_ok,
-                   other=float("inf")) * 1.4426950408889634
+    # Rows past Tq get dO = 0 and Δ = 0 (and L as _load_lse2 says), so their dS is 0.
+    lse2 = _load_lse2(LSE, offs_m, stride_lm, row_ok, ALIBI)
     delta = tl.load(DELTA + offs_m * stride_dem, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -721,13 +734,15 @@ def _attn_bwd_dq_kernel(
     bh = b * H + h
     start, mid_lo, mid_hi, end = _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT,
                                              HAS_RIGHT, BLOCK_M, BLOCK_N)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
-                            stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
-                            qk_scale, softcap2, slope2, left, right,
-                            bh, seed, offset, dropout_p,
-                            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                            IEEE, DOT_FP32, BLOCK_N)
+    # Masked, unmasked and masked key blocks, as in the forward.
+    if HAS_LEFT:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
+                                stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
+                                qk_scale, softcap2, slope2, left, right,
+                                bh, seed, offset, dropout_p,
+                                True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                IEEE, DOT_FP32, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
                             stride_kn, stride_kd, stride_vn, stride_vd,
                             offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,

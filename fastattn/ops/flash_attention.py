@@ -205,10 +205,10 @@ def _check_cu_seqlens(name: str, cu: Tensor, q: Tensor, total: int) -> None:
         raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
     if cu.device.type == "cpu":     # on a GPU reading it back would stall the stream
         values = cu.tolist()
-        if values[0] != 0 or values[-1] > total or any(
+        if values[0] != 0 or values[-1] != total or any(
                 b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must start at 0, never decrease and end at most at "
-                             f"the {total} rows it indexes, got {values}")
+            raise ValueError(f"{name} must start at 0, never decrease and end at the "
+                             f"{total} rows it indexes, got {values}")
 
 
 def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
@@ -369,6 +369,15 @@ def _launch_kernels(head_dim: int, dtype: torch.dtype, causal: bool) -> None:
     k, v, do = (torch.empty_like(q) for _ in range(3))
     o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5)
     fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5)
+    if head_dim == 128:
+        # every variant at once, on packed sequences: the kernels' other constexpr paths
+        q, k, v, do = (x[0].transpose(0, 1) for x in (q, k, v, do))   # (total, H, D)
+        cu = torch.tensor([0, 1024], dtype=torch.int32)
+        variants = dict(window=(256, 0), softcap=30.0, alibi=torch.ones(1, 2),
+                        dropout_p=0.1, seed=1, offset=0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                        max_seqlen_q=1024, max_seqlen_k=1024)
+        o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5, **variants)
+        fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5, **variants)
 
 
 registry.register(registry.OpSpec(
