@@ -198,7 +198,7 @@ def test_varlen_equals_padded_dense(backend):
      r"cu_seqlens_k must start at 0, never decrease and end at the 9 rows .* got \[0, 9, 5\]"),
     ({"cu_seqlens_q": torch.tensor([0, 3, 7], dtype=torch.int32)}, ValueError,
      r"cu_seqlens_q must .* end at the 9 rows it indexes, got \[0, 3, 7\]"),
-    ({"cu_seqlens_k": torch.tensor([0, 5], dtype=torch.int32)}, ValueError,
+    ({"cu_seqlens_k": torch.tensor([0, 9], dtype=torch.int32)}, ValueError,
      r"must describe one batch, got 2 and 1 sequences"),
     ({"max_seqlen_q": 3}, ValueError, r"max_seqlen_q=3 is below the longest sequence, 5"),
     ({"block_table": torch.zeros(2, 1, dtype=torch.int32)}, NotImplementedError,
