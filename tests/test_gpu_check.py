@@ -66,9 +66,12 @@ def test_peaks_headline(gc, tmp_path):
 
 
 def test_committed_results_use_registry_names():
-    """One name per op: every committed results file is a registry op, its sweep or gpt."""
+    """One name per op: every committed results file is a registry op, its sweep, gpt, or
+    one of the benchmarks beside the registry (host overhead, decoding, the fused loss's
+    memory)."""
     ops = set(registry.names())
-    assert COMMITTED and set(COMMITTED) <= {*ops, *(f"{op}_sweep" for op in ops), "gpt"}
+    others = {"gpt", "overhead", "decode", "linear_cross_entropy_memory"}
+    assert COMMITTED and set(COMMITTED) <= {*ops, *(f"{op}_sweep" for op in ops), *others}
 
 
 def test_info_headline_names_the_gpu(gc, tmp_path):
@@ -82,22 +85,24 @@ def test_info_headline_names_the_gpu(gc, tmp_path):
 
 
 def test_plan_runs_tests_then_every_registered_op(gc, tmp_path):
-    """Compute-bound ops first, then the GPT, then the bandwidth-bound ops, then the
-    sweeps of the compute-bound ones: every registry entry, none named here."""
+    """Compute-bound ops first, then the GPT, host overhead and decoding, then the
+    bandwidth-bound ops, then the sweeps of the compute-bound ones: every registry
+    entry, none named here."""
     names = [s.name for s in gc.steps(tmp_path, quick=False, with_tests=True, gpu=True)]
     assert names[:4] == ["info", "peaks", "build extension", "tests"]
     compute = [s.name for s in registry.specs() if s.unit == "flops"]
     bandwidth = [s.name for s in registry.specs() if s.unit != "flops"]
     assert "flash_attention" in compute and "gelu" in bandwidth
-    assert names[4:] == [*(f"bench {n}" for n in compute), "bench gpt",
-                         *(f"bench {n}" for n in bandwidth),
+    assert names[4:] == [*(f"bench {n}" for n in compute), "bench gpt", "bench overhead",
+                         "bench decode", *(f"bench {n}" for n in bandwidth),
                          *(f"bench {n} sweep" for n in compute)]
     for step in gc.steps(tmp_path, quick=False, with_tests=False, gpu=True):
         assert step.name != "tests"
         if step.name.startswith("bench"):
             assert step.argv[-2:] == ["--save", str(tmp_path)]
             op = step.argv[step.argv.index("--op") + 1]
-            assert ("--ext" in step.argv) == (op != "gpt" and "sweep" not in step.name
+            beside = op in ("gpt", "overhead", "decode")       # not registry entries
+            assert ("--ext" in step.argv) == (not beside and "sweep" not in step.name
                                               and "ext" in registry.get(op).backends)
             assert step.results == [f"{op}{'_sweep' if 'sweep' in step.name else ''}.json"]
 

@@ -119,6 +119,10 @@ def steps(out: Path, quick: bool, with_tests: bool, gpu: bool) -> list[Step]:
         *(_bench_step(spec, out, quick, gpu) for spec in compute),
         Step("bench gpt", [*FASTATTN, "bench", "--op", "gpt", *q, "--save", str(out)], 150,
              30, log="bench_gpt.log", results=["gpt.json"]),
+        # host time per call against torch's, and decoding tokens/s (CUDA graphs on a GPU)
+        *(Step(f"bench {name}", [*FASTATTN, "bench", "--op", name, *q, "--save", str(out)],
+               limit, 20, log=f"bench_{name}.log", results=[f"{name}.json"])
+          for name, limit in (("overhead", 90), ("decode", 150))),
         *(_bench_step(spec, out, quick, gpu) for spec in bandwidth),
         # On a CPU (--quick) a sweep alone would take minutes.
         *(_bench_step(spec, out, quick, gpu, sweep=True) for spec in compute if gpu),

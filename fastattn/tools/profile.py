@@ -136,8 +136,8 @@ def _gpt_step(config: GPTConfig, preset: str, batch: int, device: torch.device,
 def _op_step(op: str, shape: dict[str, int], dtype: torch.dtype, device: torch.device,
              config: GPTConfig) -> Step:
     """Forward and backward of a registered op's fastattn call; gradients of every input,
-    not accumulated. An option the GPT config also sets (GELU's ``approximate``) takes
-    the config's value, as in the model."""
+    not accumulated (an inference-only op: its forward). An option the GPT config also
+    sets (GELU's ``approximate``) takes the config's value, as in the model."""
     spec = registry.get(op)
     options = {k: getattr(config, k, v) for k, v in spec.options.items()}
     inputs, dy = spec.inputs(shape, dtype, device, 0)
@@ -145,8 +145,9 @@ def _op_step(op: str, shape: dict[str, int], dtype: torch.dtype, device: torch.d
     def step(timer: PhaseTimer) -> None:
         with timer.phase("forward"):
             y = spec.fast(*inputs, **options)
-        with timer.phase("backward"):
-            torch.autograd.grad(y, inputs, dy)
+        if "fwd+bwd" in spec.modes:
+            with timer.phase("backward"):
+                torch.autograd.grad(y, inputs, dy)
     return step
 
 

@@ -198,7 +198,7 @@ def kind(doc: dict) -> str | None:
     """"sweep", "op" (a ``fastattn bench`` run), "gpt", or None for another document."""
     if "runs" in doc:
         return "sweep"
-    if doc["rows"] and all("impl" in r and "kind" in r for r in doc["rows"]):
+    if doc.get("rows") and all("impl" in r and "kind" in r for r in doc["rows"]):
         return "op"
     return "gpt" if doc["op"] == "gpt" else None
 
@@ -210,7 +210,25 @@ def headline(doc: dict) -> list[str]:
         return sweep_headline(doc)
     if what == "op":
         return summary(doc)
-    return gpt_summary(doc["rows"]) if what == "gpt" else []
+    if what == "gpt":
+        return gpt_summary(doc["rows"])
+    return _other_headline(doc)
+
+
+def _other_headline(doc: dict) -> list[str]:
+    """Headlines of the documents of ``--op overhead`` / ``--op decode`` and of
+    ``benchmarks/bench_lce_memory.py``."""
+    if doc["op"] == "overhead":
+        return [f"{r['call']} {r['mode']}: {r['ratio']:.2f}× torch's host time per call"
+                for r in doc["rows"]]
+    if doc["op"] == "decode":
+        return [f"{r['preset']} {r['context']} context ({r['prompt_len']}-token prompt): "
+                f"{r['variant']} {r['speedup_vs_naive']:.2f}× naive tokens/s"
+                for r in doc["rows"] if r["variant"] != "naive"]
+    if doc["op"] == "linear_cross_entropy_memory":
+        return [f"{doc['what']}, vocab {doc['vocab']}: {doc['ratio']:.2f}× less extra peak "
+                "memory fused than unfused"]
+    return []
 
 
 def readme_block(doc: dict) -> str | None:
