@@ -106,7 +106,7 @@ def test_op_profile(op, tmp_path):
     256) gives it at B=1, T=32, and its custom ops are what ran."""
     result = fp.profile(op, device="cpu", batch=1, seq=32, steps=2, out=tmp_path)
     check_table(result)
-    check_phases(result, OP_PHASES if "fwd+bwd" in registry.get(op).modes else ("forward",))
+    check_phases(result, OP_PHASES if "fwd+bwd" in registry.get(op).modes else ["forward"])
     assert result.variant is None
     assert result.shape == registry.get(op).model_shape(1, 32, 64, 4, 4, 256)
     assert set(registry.get(op).custom_ops) <= {row.name for row in result.rows}
