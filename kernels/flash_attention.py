@@ -52,7 +52,14 @@ gradient of O:
 program per key block; it loops over the query heads of its KV group and over the query
 blocks) and dQ (a program per query block; it loops over the key blocks). Every output
 element is written by exactly one program, with no atomics, so the backward is bitwise
-reproducible.
+reproducible. That costs 7 matmuls per tile (dK/dV: QKᵀ, PᵀdO, VdOᵀ, dSᵀQ; dQ: QKᵀ,
+dOVᵀ, dSK). With ``deterministic=False`` the dK/dV pass also computes dS·K for each
+(key block, query block) and adds it to an fp32 dQ with atomics: 5 matmuls, no dQ pass
+(FlashAttention-2's backward), but the adds' order, so dQ's last bits, vary by run.
+
+Schedule: programs start roughly in program-id order, so each kernel hands out its
+blocks heaviest first (causal: the last query blocks see the most keys, the first key
+blocks the most queries); the light ones then fill the last wave.
 
 Masking: a program visits only the blocks that hold a key (or query) its rows can see,
 so a window of W keys costs O(T·W), not O(T²). Blocks visible in full to every row they
@@ -127,14 +134,23 @@ def _dot(a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _program_ids(T, BLOCK: tl.constexpr):
+def _program_ids(T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
     """(block index along T, batch·head index) of this program. The grid is flat, one
     program per (block, head) pair with the block fastest (so programs that share K/V
     run together): CUDA caps grid axes 1 and 2 at 65,535, which batched decoding
-    (e.g. batch 2048 × 32 heads) exceeds; axis 0 takes 2**31 − 1."""
+    (e.g. batch 2048 × 32 heads) exceeds; axis 0 takes 2**31 − 1.
+
+    Programs start roughly in program-id order, so the heaviest blocks should take the
+    lowest ids: the grid's tail is then light blocks that fill the GPU's last wave
+    instead of heavy ones that run on alone. HEAVY_LAST (the blocks at the end of T do
+    the most work, as the causal forward's query blocks) hands each head's blocks out
+    from the last; otherwise from the first."""
     n_blocks = tl.cdiv(T, BLOCK)
     pid = tl.program_id(0)
-    return pid % n_blocks, pid // n_blocks
+    block = pid % n_blocks
+    if HEAVY_LAST:
+        block = n_blocks - 1 - block
+    return block, pid // n_blocks
 
 
 @triton.jit
@@ -343,7 +359,9 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
+    # Query block i sees keys up to i + off + right: with a right bound (causal) the
+    # last blocks see the most.
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M, HAS_RIGHT)
     b = pid_bh // H
     h = pid_bh % H
     q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
@@ -432,7 +450,7 @@ def _attn_bwd_delta_kernel(
 ):
     """Δ_i = dO_i·O_i in fp32, the row term of the softmax VJP. Row by row, so a varlen
     batch runs as one sequence of all its rows."""
-    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M, False)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     O += b * stride_ob + h * stride_oh
@@ -463,22 +481,25 @@ def _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's head's rows
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's head's rows
                          stride_qm, stride_qd, stride_dom, stride_dod,
-                         stride_lm, stride_dem,
+                         stride_lm, stride_dem, stride_dqm, stride_dqd,
                          offs_n, offs_m, offs_d, d_mask, lo, hi, Tq, Tk, off,
-                         qk_scale, softcap2, slope2, left, right,
+                         sm_scale, qk_scale, softcap2, slope2, left, right,
                          bh, seed, offset, dropout_p,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                         DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+                         DOT_FP32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
     """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi).
 
     Works on transposed scores (keys × queries) so that dV = (P∘z)ᵀ·dO and dK = dSᵀ·Q
     are plain dots. Query rows past Tq load q = dO = Δ = 0, which makes their dS and dO
     rows zero (see _load_lse2 for P); they add nothing. dv leaves without the dropout's
-    1 / (1 - p), which the caller applies once."""
+    1 / (1 - p), which the caller applies once. With ATOMIC_DQ the same dS also gives
+    this key block's share of dQ = scale · dS·K, added to the fp32 DQ with atomics
+    (the 5-matmul backward: no second pass recomputes P and dP for dQ)."""
     cols = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -512,6 +533,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,  # this sequence's hea
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += _dot(ds_t.to(q.dtype), q, IEEE, DOT_FP32)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(ds_t).to(k.dtype), k, IEEE, DOT_FP32)  # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                          dq * sm_scale, mask=q_mask, sem="relaxed")
     return dk, dv
 
 
@@ -525,6 +550,7 @@ def _attn_bwd_dkdv_kernel(
     DELTA,   # like LSE
     DK,      # like K, output
     DV,      # like K, output
+    DQ,      # like Q, fp32, zeroed: dQ accumulated with atomics (ATOMIC_DQ), else None
     CU_Q,    # (B + 1,) int32 (VARLEN), else None
     CU_K,    # (B + 1,) int32 (VARLEN), else None
     SLOPES,  # (B, H) fp32 (ALIBI), else None
@@ -537,6 +563,7 @@ def _attn_bwd_dkdv_kernel(
     stride_ab, stride_ah,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hkv, GROUP,        # KV heads; query heads per KV head
     Tq, Tk,            # lengths; with VARLEN the longest ones (they size the grid)
     sm_scale, qk_scale, softcap2, left, right, dropout_p, seed, offset,
@@ -544,9 +571,12 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n, pid_bh = _program_ids(Tk, BLOCK_N)
+    # Key j is seen by rows from j - off - right on: with a right bound (causal) the
+    # first key blocks have the most rows; with only a left bound, the last.
+    pid_n, pid_bh = _program_ids(Tk, BLOCK_N, HAS_LEFT and not HAS_RIGHT)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
@@ -579,42 +609,48 @@ def _attn_bwd_dkdv_kernel(
     off = Tk - Tq
     start, mid_lo, mid_hi, end = _query_blocks(n0, Tq, Tk, left, right, HAS_LEFT,
                                                HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # The sum over the group's query heads happens here, in a fixed order: no atomics.
+    # The sum over the group's query heads happens here, in a fixed order: no atomics
+    # (but for dQ with ATOMIC_DQ).
     for g in range(GROUP):
         h = hk * GROUP + g                                           # int64
         Qh = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         DOh = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         LSEh = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
         DELTAh = DELTA + b * stride_deb + h * stride_deh + q_start * stride_dem
+        DQh = DQ
+        if ATOMIC_DQ:
+            DQh += b * stride_dqb + h * stride_dqh + q_start * stride_dqm
         slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
         bh = b * (Hkv * GROUP) + h
         # Masked query blocks (the window's right edge, the diagonal, the key tail), the
         # unmasked middle, masked blocks past the left edge.
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_lm, stride_dem,
+                                      stride_lm, stride_dem, stride_dqm, stride_dqd,
                                       offs_n, offs_m, offs_d, d_mask, start, mid_lo,
-                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
+                                      Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2,
+                                      left, right,
                                       bh, seed, offset, dropout_p,
                                       True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+                                      IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_lm, stride_dem,
+                                      stride_lm, stride_dem, stride_dqm, stride_dqd,
                                       offs_n, offs_m, offs_d, d_mask, mid_lo, mid_hi,
-                                      Tq, Tk, off, qk_scale, softcap2, slope2, left, right,
+                                      Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2,
+                                      left, right,
                                       bh, seed, offset, dropout_p,
                                       False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, BLOCK_M)
+                                      IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
         if HAS_LEFT:   # rows past the key block's window: only a left bound makes them
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
                                           stride_qm, stride_qd, stride_dom, stride_dod,
-                                          stride_lm, stride_dem,
+                                          stride_lm, stride_dem, stride_dqm, stride_dqd,
                                           offs_n, offs_m, offs_d, d_mask, mid_hi, end,
-                                          Tq, Tk, off, qk_scale, softcap2, slope2, left,
-                                          right, bh, seed, offset, dropout_p,
+                                          Tq, Tk, off, sm_scale, qk_scale, softcap2,
+                                          slope2, left, right, bh, seed, offset, dropout_p,
                                           True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                                          DROPOUT, IEEE, DOT_FP32, BLOCK_M)
+                                          DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
 
     dk *= sm_scale
     if DROPOUT:
@@ -694,7 +730,9 @@ def _attn_bwd_dq_kernel(
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, pid_bh = _program_ids(Tq, BLOCK_M)
+    # Query block i sees keys up to i + off + right: with a right bound (causal) the
+    # last blocks see the most.
+    pid_m, pid_bh = _program_ids(Tq, BLOCK_M, HAS_RIGHT)
     b = pid_bh // H
     h = pid_bh % H
     q_start, Tq = _sequence(CU_Q, b, Tq, VARLEN)
@@ -823,6 +861,57 @@ _DQ_TILES = {
     (32, 256): [(16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
 }
 
+# First tiles with a soft cap, ALiBi or dropout ("scored" in ``_tile_key``). Each score then
+# also carries the tanh (kept for the backward's derivative), the bias or the Philox
+# words, and the plain first tiles spill: bf16, D = 128, every variant on, 360 B per
+# thread in dK/dV and 152 B in dQ on sm_90, 16 to 544 B per kernel on sm_80. These
+# compile spill-free on sm_80 and sm_90 with every variant on (varlen, a causal
+# window, soft cap, ALiBi, dropout); the autotuner tries each before its plain list.
+# In 16 bits they keep >= 64-row wgmma tiles, except dQ at D = 256, whose 64-row tiles
+# spill 40 B and more on sm_90 and whose first tile (32 rows) runs mma.sync. In fp32 the
+# plain first tiles spill up to 9.5 kB on sm_90 at D = 256 (ptxas gives up at 32
+# registers); these (16 or 32 rows, 8 warps where 4 spill) do not.
+_FWD_VARIANT_FIRST = {
+    (16, 64): (128, 64, 8, 3), (16, 128): (64, 64, 8, 3), (16, 256): (64, 16, 8, 2),
+    (32, 64): (32, 32, 8, 2), (32, 128): (16, 16, 8, 2), (32, 256): (16, 16, 4, 2),
+}
+_DKDV_VARIANT_FIRST = {
+    (16, 64): (16, 128, 8, 2), (16, 128): (16, 64, 8, 2), (16, 256): (32, 32, 8, 2),
+    (32, 64): (16, 32, 8, 2), (32, 128): (16, 16, 4, 2), (32, 256): (16, 32, 8, 2),
+}
+_DQ_VARIANT_FIRST = {
+    (16, 64): (64, 32, 8, 2), (16, 128): (64, 32, 4, 2), (16, 256): (32, 16, 8, 2),
+    (32, 64): (32, 32, 4, 2), (32, 128): (16, 16, 4, 2), (32, 256): (16, 16, 4, 2),
+}
+# First dK/dV tiles of the atomic-dQ backward (deterministic=False), with or without the
+# variants: its extra dot (dS·K, BLOCK_M × D in fp32) and atomic adds spill the plain
+# first tiles (bf16, D = 128: 88 B on sm_90; D = 256: 16 B on sm_80). 16-row query
+# blocks compile spill-free on sm_80 and sm_90, every variant on or none, in 16 bits
+# and fp32 (8 warps from D = 128 on); that dot then runs mma.sync beside the wgmma of
+# the other three on sm_90.
+_DKDV_ATOMIC_FIRST = {
+    (16, 64): (16, 128, 8, 2), (16, 128): (16, 64, 8, 2), (16, 256): (16, 32, 8, 2),
+    (32, 64): (16, 16, 4, 2), (32, 128): (16, 16, 8, 2), (32, 256): (16, 16, 8, 2),
+}
+
+
+def _with_firsts(tiles: dict, firsts: dict) -> dict:
+    """Tile lists keyed by (operand bits, head-dim band, kind): "plain" the plain lists,
+    every kind in ``firsts`` (kind -> first tile per band) its own list, led by that
+    first tile and followed by the plain ones."""
+    lists = {(*key, "plain"): t for key, t in tiles.items()}
+    for kind, first_tiles in firsts.items():
+        for key, t in tiles.items():
+            first = first_tiles[key]
+            lists[(*key, kind)] = [first, *(x for x in t if x != first)]
+    return lists
+
+
+FWD_TILES = _with_firsts(_FWD_TILES, {"scored": _FWD_VARIANT_FIRST})
+DKDV_TILES = _with_firsts(_DKDV_TILES, {"scored": _DKDV_VARIANT_FIRST,
+                                        "atomic": _DKDV_ATOMIC_FIRST})
+DQ_TILES = _with_firsts(_DQ_TILES, {"scored": _DQ_VARIANT_FIRST})
+
 # One small fixed tile under the interpreter, so the tests run on CPU in seconds.
 _INTERPRET_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DELTA_BLOCK_M = 16 if INTERPRET else 64
@@ -833,26 +922,36 @@ _DELTA_BLOCK_M = 16 if INTERPRET else 64
 _AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 
-def _tile_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
-    """Key of the tile tables: (operand bits, BLOCK_D but at least 64)."""
-    return dtype.itemsize * 8, max(64, next_pow2(head_dim))
+def _tile_key(dtype: torch.dtype, head_dim: int, flags: dict) -> tuple[int, int, str]:
+    """Key of the tile lists: (operand bits, BLOCK_D but at least 64, kind), the kind
+    "atomic" for the atomic-dQ dK/dV pass, "scored" with a soft cap, ALiBi or dropout,
+    else "plain"."""
+    kind = "plain"
+    if flags["SOFTCAP"] or flags["ALIBI"] or flags["DROPOUT"]:
+        kind = "scored"
+    if flags.get("ATOMIC_DQ", False):
+        kind = "atomic"
+    return dtype.itemsize * 8, max(64, next_pow2(head_dim)), kind
 
 
-def _autotuned(kernel, tiles: dict):
-    """Kernel to launch for (dtype, head dim): autotuned over its list in ``tiles`` (only
-    the first tile under FASTATTN_AUTOTUNE=0); under the interpreter the plain kernel,
-    which the launchers give ``_INTERPRET_TILES``."""
+def _autotuned(kernel, tiles: dict, key: list = _AUTOTUNE_KEY, reset_to_zero=None):
+    """Kernel to launch for (dtype, head dim, the variant's flags): autotuned over its
+    list in ``tiles`` (only the first tile under FASTATTN_AUTOTUNE=0); under the
+    interpreter the plain kernel, which the launchers give ``_INTERPRET_TILES``.
+    ``reset_to_zero``: outputs accumulated with atomics, zeroed before each benchmark
+    run and after the last."""
     if INTERPRET:
-        return lambda dtype, head_dim: kernel
-    tuned = {key: triton.autotune(configs=_configs(t if _AUTOTUNE else t[:1]),
-                                  key=_AUTOTUNE_KEY)(kernel)
-             for key, t in tiles.items()}
-    return lambda dtype, head_dim: tuned[_tile_key(dtype, head_dim)]
+        return lambda dtype, head_dim, flags: kernel
+    tuned = {k: triton.autotune(configs=_configs(t if _AUTOTUNE else t[:1]), key=key,
+                                reset_to_zero=reset_to_zero)(kernel)
+             for k, t in tiles.items()}
+    return lambda dtype, head_dim, flags: tuned[_tile_key(dtype, head_dim, flags)]
 
 
-_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_TILES)
-_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_TILES)
-_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_TILES)
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_TILES)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_TILES,
+                            [*_AUTOTUNE_KEY, "ATOMIC_DQ"], reset_to_zero=["DQ"])
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_TILES)
 _TILES = _INTERPRET_TILES if INTERPRET else {}
 
 
@@ -1014,7 +1113,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = _empty((shape.H, q.shape[0]) if shape.varlen else q.shape[:3], torch.float32,
                  q.device)
     vl = shape.varlen
-    launch(_attn_fwd(q.dtype, shape.D))[_flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)](
+    grid = _flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)
+    launch(_attn_fwd(q.dtype, shape.D, var.flags))[grid](
         q, k, v, o, lse, var.cu_q, var.cu_k, var.slopes,
         *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(o, vl),
         *_row_strides(lse, vl), *var.slope_strides,
@@ -1029,14 +1129,21 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              alibi: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
              offset: int = 0, cu_seqlens_q: torch.Tensor | None = None,
              cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
-             max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             max_seqlen_k: int = 0, deterministic: bool = True,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash-attention backward.
 
     do, o: shaped like q, any strides; q, k, v and the keywords as for ``attn_fwd``
     (the same values: dropout replays its mask from seed and offset); lse as returned by
     ``attn_fwd``. Returns dq shaped like q and dk, dv shaped like k, contiguous, in the
-    input dtype. Deterministic: dk/dv sum the query heads of each KV group inside one
-    program, without atomics.
+    input dtype.
+
+    deterministic=True (the default): 7 matmuls per tile, in two passes (dK/dV, then
+    dQ), every output written by one program, without atomics: bitwise reproducible.
+    deterministic=False: 5 matmuls per tile, one pass; the dK/dV programs also add
+    each tile's dQ share to an fp32 buffer with atomics, converted to q's dtype at the
+    end. The order of those adds varies, so dq may differ in its last bits from run to
+    run (flash-attn's meaning of the flag); dk and dv stay reproducible.
     """
     shape = _shape(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_inputs(q, k, v, shape, do=do, o=o)
@@ -1044,7 +1151,9 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                    offset, cu_seqlens_q, cu_seqlens_k)
     vl = shape.varlen
     delta = _empty(lse.shape, torch.float32, q.device)
-    dq = _empty(q.shape, q.dtype, q.device)
+    # The atomic path accumulates into zeros; fp32, so the adds do not round to q.dtype.
+    dq = (_empty(q.shape, q.dtype, q.device) if deterministic
+          else torch.zeros(q.shape, dtype=torch.float32, device=q.device))
     dk = _empty(k.shape, q.dtype, q.device)
     dv = _empty(k.shape, q.dtype, q.device)
 
@@ -1062,11 +1171,17 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scalars = (shape.Tq, shape.Tk, scale, *var.scalars, next_pow2(shape.Tq),
                next_pow2(shape.Tk))
     group = shape.H // shape.Hkv
-    launch(_attn_bwd_dkdv(q.dtype, shape.D))[
+    dkdv_flags = {**var.flags, "ATOMIC_DQ": not deterministic}
+    launch(_attn_bwd_dkdv(q.dtype, shape.D, dkdv_flags))[
         _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
-        *operands, dk, dv, *pointers, *strides, *_strides(dk, vl), *_strides(dv, vl),
-        shape.Hkv, group, *scalars, **var.flags)
-    launch(_attn_bwd_dq(q.dtype, shape.D))[_flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)](
+        *operands, dk, dv, None if deterministic else dq, *pointers, *strides,
+        *_strides(dk, vl), *_strides(dv, vl),
+        *((0, 0, 0, 0) if deterministic else _strides(dq, vl)),
+        shape.Hkv, group, *scalars, **dkdv_flags)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
+    grid = _flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)
+    launch(_attn_bwd_dq(q.dtype, shape.D, var.flags))[grid](
         *operands, dq, *pointers, *strides, *_strides(dq, vl),
         shape.H, group, *scalars, **var.flags)
     return dq, dk, dv

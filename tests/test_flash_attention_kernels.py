@@ -27,6 +27,8 @@ if not (torch.cuda.is_available() or INTERPRET):
                 "triton is imported (tests/conftest.py sets it on CPU-only machines)",
                 allow_module_level=True)
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from fastattn import reference  # noqa: E402
 from fastattn.kernels import flash_attention as fa  # noqa: E402
@@ -87,9 +89,10 @@ def _reference(q, k, v, do, causal, scale, dtype=torch.float64):
     return o.detach(), lse.detach(), torch.autograd.grad(o, xs, do.to(dtype))
 
 
-def _run(q, k, v, do, causal, scale):
+def _run(q, k, v, do, causal, scale, deterministic=True):
     o, lse = fa.attn_fwd(q, k, v, causal, scale)
-    return (o, lse, *fa.attn_bwd(do, q, k, v, o, lse, causal, scale))
+    return (o, lse, *fa.attn_bwd(do, q, k, v, o, lse, causal, scale,
+                                 deterministic=deterministic))
 
 
 def _assert_lse_close(lse, ref_lse):
@@ -100,8 +103,8 @@ def _assert_lse_close(lse, ref_lse):
         assert err <= 1e-4 * (1.0 + ref_lse[seen].abs().max().item()), f"lse: error {err:.3g}"
 
 
-def _check_against_reference(q, k, v, do, causal, scale):
-    o, lse, dq, dk, dv = _run(q, k, v, do, causal, scale)
+def _check_against_reference(q, k, v, do, causal, scale, deterministic=True):
+    o, lse, dq, dk, dv = _run(q, k, v, do, causal, scale, deterministic)
     b, h, tq, d = q.shape
     assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
     assert lse.shape == (b, h, tq) and lse.dtype == torch.float32 and lse.is_contiguous()
@@ -256,6 +259,44 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+# (B, H, Hkv, Tq, Tk, D, dtype) for the atomic-dQ backward: odd lengths, Tq != Tk both
+# ways, GQA and MQA, padded head dims, 16 bits.
+ATOMIC_CASES = [
+    (2, 2, 2, 17, 17, 40, FP32),
+    (1, 4, 2, 50, 17, 48, FP32),
+    (1, 4, 1, 33, 47, 64, FP16),
+    (1, 4, 2, 97, 97, 64, BF16),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", ATOMIC_CASES, ids=[_case_id(c) for c in ATOMIC_CASES])
+def test_atomic_dq_backward_matches_float64_reference(case, causal):
+    """deterministic=False: the 5-matmul backward, dQ added with atomics into an fp32
+    buffer by the dK/dV programs (every key block of every query head of the group)."""
+    q, k, v, do = _inputs(*case)
+    _check_against_reference(q, k, v, do, causal, 0.9 * case[5] ** -0.5,
+                             deterministic=False)
+
+
+def test_atomic_dq_backward_writes_every_output(monkeypatch):
+    """With deterministic=False the dQ kernel does not run: dq is the fp32 buffer the
+    atomics filled, converted. Allocations are poisoned with NaN (the buffer itself must
+    start at zero, not from _empty) and the results must equal a clean run's."""
+    q, k, v, do = _inputs(1, 4, 2, 37, 29, 24, FP32)
+    launched = []
+    real_launch = fa.launch
+    monkeypatch.setattr(fa, "launch", lambda kernel: launched.append(kernel) or
+                        real_launch(kernel))
+    clean = _run(q, k, v, do, True, 0.3, deterministic=False)
+    assert len(launched) == 3, "forward, Δ and dK/dV only: no dQ pass"
+    monkeypatch.setattr(fa, "_empty", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"),
+                          _run(q, k, v, do, True, 0.3, deterministic=False), clean):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=False), name
+
+
 @pytest.mark.parametrize("d", [0, 257, 264])
 def test_unsupported_head_dim_raises(d):
     q, k, v, _ = _inputs(1, 1, 1, 4, 4, d, FP32)
@@ -306,12 +347,65 @@ def test_grid_fits_cuda_limits_for_batched_decoding(monkeypatch):
         assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), grid
 
 
+@triton.jit
+def _record_program_ids(OUT, T, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    block, bh = fa._program_ids(T, BLOCK, HEAVY_LAST)
+    tl.store(OUT + 2 * tl.program_id(0), block)
+    tl.store(OUT + 2 * tl.program_id(0) + 1, bh)
+
+
+def _program_order(t, block, heads, heavy_last):
+    """(block, batch·head) of each program of a flat grid, in program-id order."""
+    out = torch.full((2 * triton.cdiv(t, block) * heads,), -1, dtype=torch.int32,
+                     device=DEVICE)
+    _record_program_ids[(out.numel() // 2,)](out, t, BLOCK=block, HEAVY_LAST=heavy_last)
+    return out.view(-1, 2).tolist()
+
+
+# (Tq, Tk, left, right): causal with Tq != Tk both ways, a causal window, a left-only
+# window; each has its work per block monotone along T.
+SCHEDULES = [(70, 90, -1, 0), (90, 70, -1, 0), (80, 80, 30, 0), (70, 90, 20, -1)]
+
+
+@pytest.mark.parametrize("tq,tk,left,right", SCHEDULES,
+                         ids=[f"Tq{a}Tk{b}-window{c},{d}" for a, b, c, d in SCHEDULES])
+def test_heaviest_blocks_start_first(tq, tk, left, right):
+    """Causal load balance: programs start roughly in program-id order, so in the
+    forward and dQ (a program per query block) and in dK/dV (per key block) each head's
+    blocks must come heaviest first, work being the (query, key) pairs the block sees.
+    The flags are the kernels' own: HEAVY_LAST = HAS_RIGHT for query blocks and
+    HAS_LEFT and not HAS_RIGHT for key blocks. Before, query blocks came lightest first.
+    A block's work is the keys (queries) any of its rows sees, padding rows included:
+    they cost the same as real ones."""
+    block, heads = 16, 3
+    i = torch.arange(triton.cdiv(tq, block) * block)[:, None]
+    j = torch.arange(triton.cdiv(tk, block) * block)[None, :]
+    seen = (i >= 0) & (j >= 0)
+    if left >= 0:
+        seen &= j >= i + (tk - tq) - left
+    if right >= 0:
+        seen &= j <= i + (tk - tq) + right
+    row_blocks = seen.unflatten(0, (-1, block)).any(1)              # (query block, key)
+    col_blocks = seen.unflatten(1, (-1, block)).any(2)              # (query, key block)
+    for t, per_block, heavy_last in (
+            (tq, row_blocks[:, :tk].sum(1).tolist(), right >= 0),
+            (tk, col_blocks[:tq].sum(0).tolist(), left >= 0 and right < 0)):
+        order = _program_order(t, block, heads, heavy_last)
+        n_blocks = len(per_block)
+        for bh in range(heads):
+            blocks = [n for n, h in order[bh * n_blocks:(bh + 1) * n_blocks]]
+            assert sorted(blocks) == list(range(n_blocks))
+            assert all(h == bh for _, h in order[bh * n_blocks:(bh + 1) * n_blocks])
+            done = [per_block[n] for n in blocks]
+            assert done == sorted(done, reverse=True), (blocks, per_block)
+
+
 def _autotune_tile_pairs():
-    """Every (operand bits, head-dim band, BLOCK_M, BLOCK_N) the autotune tables hold, for
-    any of the three attention kernels."""
+    """Every (operand bits, head-dim band, BLOCK_M, BLOCK_N) the autotune lists hold, for
+    any of the three attention kernels, plain or with the scored variants' first tiles."""
     pairs = set()
-    for table in (fa._FWD_TILES, fa._DKDV_TILES, fa._DQ_TILES):
-        for (bits, band), tiles in table.items():
+    for table in (fa.FWD_TILES, fa.DKDV_TILES, fa.DQ_TILES):
+        for (bits, band, _), tiles in table.items():
             pairs.update((bits, band, m, n) for m, n, _, _ in tiles)
     return sorted(pairs)
 

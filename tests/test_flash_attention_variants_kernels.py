@@ -80,13 +80,14 @@ def _kernel_options(options):
     return kernel
 
 
-def _check(q, k, v, do, causal, scale, **options):
+def _check(q, k, v, do, causal, scale, deterministic=True, **options):
     """Forward and backward of the launchers against the float64 reference; returns the
     kernels' (o, lse, dq, dk, dv). ``options``: the reference's keywords, plus
-    ``stream=(seed, offset)`` with dropout."""
+    ``stream=(seed, offset)`` with dropout; ``deterministic`` goes to the backward."""
     kernel = _kernel_options(options)
     o, lse = fa.attn_fwd(q, k, v, causal, scale, **kernel)
-    dq, dk, dv = fa.attn_bwd(do, q, k, v, o, lse, causal, scale, **kernel)
+    dq, dk, dv = fa.attn_bwd(do, q, k, v, o, lse, causal, scale,
+                             deterministic=deterministic, **kernel)
     for t in (o, lse, dq, dk, dv):
         assert t.is_contiguous()
     assert all(torch.isfinite(t).all() for t in (o, dq, dk, dv)), "NaN or inf in a result"
@@ -294,7 +295,7 @@ def _varlen_masks(seed, offset, h, p):
     return masks
 
 
-def _check_varlen(qkvdo, cu, causal, scale, max_extra=0, **options):
+def _check_varlen(qkvdo, cu, causal, scale, max_extra=0, deterministic=True, **options):
     q, k, v, do = qkvdo
     lengths = {"max_seqlen_q": max(b - a for a, b in zip(CU_Q, CU_Q[1:])) + max_extra,
                "max_seqlen_k": max(b - a for a, b in zip(CU_K, CU_K[1:])) + max_extra}
@@ -302,7 +303,7 @@ def _check_varlen(qkvdo, cu, causal, scale, max_extra=0, **options):
     o, lse = fa.attn_fwd(q, k, v, causal, scale, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
                          **kernel)
     dq, dk, dv = fa.attn_bwd(do, q, k, v, o, lse, causal, scale, cu_seqlens_q=cu[0],
-                             cu_seqlens_k=cu[1], **kernel)
+                             cu_seqlens_k=cu[1], deterministic=deterministic, **kernel)
     assert o.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert all(torch.isfinite(t).all() for t in (o, dq, dk, dv)), "NaN or inf in a result"
@@ -382,6 +383,32 @@ def test_variants_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+# ------------------------------------------------------- the atomic-dQ backward
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_atomic_dq_with_every_variant(dtype):
+    """deterministic=False (dQ added with atomics by the dK/dV programs) with a causal
+    window, soft cap, ALiBi (B, H) and dropout, GQA, Tq != Tk."""
+    b, h, tq, tk, p = 2, 4, 29, 45, 0.25
+    q, k, v, do = _inputs(b, h, 2, tq, tk, 40, dtype)
+    _check(q, k, v, do, True, 40 ** -0.5, deterministic=False, window=(17, -1),
+           softcap=6.0, alibi=_slopes(b, h, True), dropout_p=p, stream=(99, 5),
+           dropout_mask=_keep(99, 5, b, h, tq, tk, p))
+
+
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (4, 7))],
+                         ids=["causal", "w4,7"])
+def test_atomic_dq_varlen(causal, window):
+    """deterministic=False on packed sequences (an empty one, one whose queries see no
+    key), GQA, soft cap and dropout, max_seqlen above the longest."""
+    h, p = 4, 0.2
+    qkvdo, cu = _varlen_inputs(h, 2, 24, FP32, seed=3)
+    _check_varlen(qkvdo, cu, causal, 0.3, max_extra=3, deterministic=False,
+                  window=window, softcap=4.0, dropout_p=p, stream=(7, 11),
+                  dropout_mask=_varlen_masks(7, 11, h, p))
+
+
 # ------------------------------------------------------------------ the GPU tiles
 
 # (BLOCK_M, BLOCK_N) pairs of the tile tables with BLOCK_M != BLOCK_N both ways.
@@ -400,6 +427,39 @@ def test_window_with_gpu_tiles(monkeypatch, block_m, block_n):
     monkeypatch.setattr(fa, "_TILES", {"BLOCK_M": block_m, "BLOCK_N": block_n})
     q, k, v, do = _inputs(1, 2, 1, 150, 171, 40, FP32)
     _check(q, k, v, do, False, 0.15, window=(70, 45))
+
+
+def _variant_first_tiles():
+    """(kind, operand bits, BLOCK_M, BLOCK_N) of every first tile that the scored
+    variants (soft cap, ALiBi, dropout) and the atomic-dQ backward launch with
+    FASTATTN_AUTOTUNE=0, over the three kernels."""
+    return sorted({(kind, bits, m, n)
+                   for table in (fa.FWD_TILES, fa.DKDV_TILES, fa.DQ_TILES)
+                   for (bits, _, kind), tiles in table.items() if kind != "plain"
+                   for m, n, _, _ in tiles[:1]})
+
+
+VARIANT_FIRST_TILES = _variant_first_tiles()
+
+
+@pytest.mark.parametrize("kind,bits,block_m,block_n", VARIANT_FIRST_TILES,
+                         ids=[f"{k}-{b}bit-{m}x{n}" for k, b, m, n in VARIANT_FIRST_TILES])
+def test_every_variant_with_its_first_tiles(monkeypatch, kind, bits, block_m, block_n):
+    """The spill-free first tiles chosen for the scored variants and the atomic-dQ
+    backward (narrower than the plain ones: 16-row dK/dV query blocks, 16- and 32-key
+    dQ blocks) with every variant on, through the interpreter (the atomic ones with
+    deterministic=False): a causal window, soft cap, ALiBi, dropout, GQA, Tq != Tk,
+    lengths that no tile divides."""
+    if not INTERPRET:
+        pytest.skip("on a GPU the autotuner picks the tiles; this forces them through "
+                    "the interpreter")
+    monkeypatch.setattr(fa, "_TILES", {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    b, h, tq, tk, p = 1, 4, 75, 91, 0.2
+    dtype = FP32 if bits == 32 else (FP16, BF16)[(block_m + block_n) // 16 % 2]
+    q, k, v, do = _inputs(b, h, 2, tq, tk, 40, dtype)
+    _check(q, k, v, do, True, 40 ** -0.5, deterministic=kind != "atomic",
+           window=(33, -1), softcap=6.0, alibi=_slopes(b, h, True), dropout_p=p,
+           stream=(5, 2), dropout_mask=_keep(5, 2, b, h, tq, tk, p))
 
 
 # --------------------------------------------------------------------- validation
