@@ -99,8 +99,8 @@ def test_every_autotune_config_is_compiled(all_rows):
     assert not ck.compile_errors(all_rows), "\n".join(ck.compile_errors(all_rows))
     by_shape: dict[tuple, list[dict]] = {}
     for row in all_rows:
-        by_shape.setdefault((row["kernel"], row["dtype"], row["size"], row["arch"]),
-                            []).append(row)
+        by_shape.setdefault((row["kernel"], row["dtype"], row["size"], row["constexprs"],
+                             row["arch"]), []).append(row)
     for shape, rows in by_shape.items():
         assert [r["default"] for r in rows] == [True] + [False] * (len(rows) - 1), shape
         assert len({r["config"] for r in rows}) == len(rows), shape

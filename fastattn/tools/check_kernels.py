@@ -275,7 +275,14 @@ def _jobs(spec: dict) -> Iterator[_Job]:
 
     index = 0
     for case in (Case(**c) for c in spec["cases"]):
+        seen = set()
         for kernel, args, kwargs in _launches(case):
+            # A launch the case already made (the same kernel and constexprs, e.g. the
+            # backward's Δ kernel of a variant launch) compiles to the same binary.
+            launch = (id(kernel), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+            if launch in seen:
+                continue
+            seen.add(launch)
             # An autotuned kernel is an Autotuner holding the JITFunction in .fn.
             configs = ([c.all_kwargs() for c in kernel.configs]
                        if hasattr(kernel, "configs") else [{}])
@@ -302,6 +309,10 @@ def _cache_key(job: _Job) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
+# What an autotune config sets beside the BLOCK_ tiles: not part of a launch's variant.
+_CONFIG_KEYS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+
 def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
     tiles = " ".join(f"{name.removeprefix('BLOCK_')}{job.kwargs[name]}"
                      for name in job.fn.arg_names
@@ -310,7 +321,7 @@ def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
             "size": job.case.label, "causal": job.case.causal, "kernel": job.fn.__name__,
             "config": f"{tiles} w{num_warps} s{num_stages}", "default": job.default,
             "constexprs": " ".join(f"{k}={v}" for k, v in sorted(job.kwargs.items())
-                                   if not k.startswith("BLOCK_")),
+                                   if not k.startswith("BLOCK_") and k not in _CONFIG_KEYS),
             "arch": job.arch, "smem_limit": SMEM_LIMIT[job.arch]}
 
 
