@@ -134,8 +134,15 @@ def _plain_aten(q: Tensor, k: Tensor, causal: bool, window, softcap: float,
 
 def _aten_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
               ) -> tuple[Tensor, Tensor]:
-    """PyTorch's CPU flash kernel (its causal mask is the square one: Tq == Tk)."""
-    h = q.shape[1]
+    """PyTorch's CPU flash kernel (its causal mask is the square one: Tq == Tk). Without
+    a mask, the G query heads of a KV head are its G·Tq rows (``_rows_per_kv_head``):
+    K/V are read once, not repeated G times (decoding against a GQA cache)."""
+    b, h, tq, d = q.shape
+    hkv = k.shape[1]
+    if not causal and hkv < h:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _rows_per_kv_head(q, hkv), k, v, 0.0, False, scale=scale)
+        return o.reshape(b, h, tq, d), lse.float().reshape(b, h, tq)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, _expand_kv(k, h), _expand_kv(v, h), 0.0, causal, scale=scale)
     return o.contiguous(), lse.float().contiguous()
@@ -143,10 +150,24 @@ def _aten_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
 
 def _aten_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
               causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    h, hkv = q.shape[1], k.shape[1]
+    b, h, tq, d = q.shape
+    hkv = k.shape[1]
+    if not causal and hkv < h:
+        rows = [_rows_per_kv_head(x, hkv) for x in (do, q)]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            rows[0], rows[1], k, v, _rows_per_kv_head(o, hkv),
+            lse.reshape(b, hkv, -1), 0.0, False, scale=scale)
+        return dq.reshape(b, h, tq, d), dk.contiguous(), dv.contiguous()
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do, q, _expand_kv(k, h), _expand_kv(v, h), o, lse, 0.0, causal, scale=scale)
     return dq.contiguous(), _sum_groups(dk, hkv).contiguous(), _sum_groups(dv, hkv).contiguous()
+
+
+def _rows_per_kv_head(x: Tensor, n_kv_heads: int) -> Tensor:
+    """(B, H, T, D) -> (B, Hkv, G·T, D): a KV head's G query heads as rows of one head
+    (exact without a mask, where a row's position does not matter)."""
+    b, h, t, d = x.shape
+    return x.reshape(b, n_kv_heads, (h // n_kv_heads) * t, d)
 
 
 def _use_aten_cpu(q: Tensor, k: Tensor, var: _Variant) -> bool:
