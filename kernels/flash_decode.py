@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, launch, next_pow2, program_slots
+from .flash_attention import _dot, _tanh     # shared jit helpers
 from ._utils import empty as _empty
 
 LOG2E = math.log2(math.e)
@@ -70,25 +71,6 @@ MIN_BLOCKS_PER_SPLIT = 4
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``a @ b`` accumulated in fp32; true-fp32 products when IEEE (fp32 inputs)."""
-    if DOT_FP32:  # interpreter with bf16 inputs: triton#11584
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
-@triton.jit
-def _tanh(x):
-    """tanh(x) = 1 − 2 / (exp(2x) + 1): exact limits ±1 when exp(2x) over/underflows."""
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)   # 2·log2(e)
 
 
 @triton.jit

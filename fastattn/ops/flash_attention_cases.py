@@ -15,6 +15,7 @@ from fastattn.ops import registry
 from fastattn.ops.flash_attention import (BACKENDS, DTYPES, flash_attention,
                                           flash_attention_varlen)
 from fastattn.ops.flash_attention import _inputs as _dense_inputs
+from fastattn.ops.flash_attention import _model_shape
 
 CUSTOM_OPS = ("fastattn::flash_attention_fwd", "fastattn::flash_attention_bwd")
 
@@ -24,11 +25,6 @@ def _shape(size: int, device: torch.device, batch: int | None = None, heads: int
     gpu = device.type == "cuda"
     return {"B": batch or (max(1, 32768 // size) if gpu else 2), "H": heads or (16 if gpu else 8),
             "T": size, "D": head_dim or (128 if gpu else 64)}
-
-
-def _model_shape(batch: int, seq: int, d_model: int, n_head: int, n_kv_head: int,
-                 mlp: int) -> dict:
-    return {"B": batch, "H": n_head, "H_kv": n_kv_head, "T": seq, "D": d_model // n_head}
 
 
 # --------------------------------------------------------------------- sliding window

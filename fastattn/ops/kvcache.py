@@ -18,6 +18,7 @@ from torch import Tensor
 from fastattn import backends, reference
 from fastattn.ops import _attention_torch, registry
 from fastattn.ops._custom_op import kernel_op
+from fastattn.ops.flash_attention import _model_shape
 
 OP = "kvcache"
 BACKENDS = ("triton", "torch")
@@ -376,11 +377,6 @@ def _shape(size: int, device: torch.device, batch: int | None = None,
     # On GPU keep B·T at 256k cached tokens, so every size moves comparable bytes.
     return {"B": batch or (max(1, 262144 // size) if gpu else 1), "H": heads,
             "H_kv": max(1, heads // 4), "T": size, "D": head_dim or (128 if gpu else 64)}
-
-
-def _model_shape(batch: int, seq: int, d_model: int, n_head: int, n_kv_head: int,
-                 mlp: int) -> dict:
-    return {"B": batch, "H": n_head, "H_kv": n_kv_head, "T": seq, "D": d_model // n_head}
 
 
 def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int):

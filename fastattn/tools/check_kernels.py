@@ -6,17 +6,13 @@
 
 How a kernel is compiled
 ------------------------
-Each op's launchers run on empty CPU tensors while ``launch`` is intercepted: every
-kernel launch is recorded as (kernel, arguments, keywords) instead of run. The ops and
-their launch shapes come from the registry (``OpSpec.launch_kernels``: attention on
-(1, 2, 1024, D), causal unless ``--no-causal``; LayerNorm with weight, bias and the
-fused residual; bias + exact GELU; on (4096, N) rows; forward and backward). Each recording is then handed to the kernel's own ``warmup``, which binds and
-specialises the arguments exactly as a launch does (pointers and ints divisible by 16,
-ints equal to 1, constexprs) and compiles, ``triton.compile`` with a ``GPUTarget``, for
-the architecture that a stub driver reports (``_TargetDriver``). Nothing touches a
-device, so signatures, specialisations and compile options are those of a real launch
-of that shape. An autotuned kernel is compiled with each of its configs; the first is
-the one ``FASTATTN_AUTOTUNE=0`` launches (marked ``*``).
+Each op's launchers (``OpSpec.launch_kernels``, forward and backward) run on empty CPU
+tensors while ``launch`` is intercepted: every kernel launch is recorded as (kernel,
+arguments, keywords) instead of run. Each recording goes to the kernel's own ``warmup``,
+which specialises the arguments exactly as a launch does and compiles
+(``triton.compile`` with a ``GPUTarget``) for the architecture a stub driver reports
+(``_TargetDriver``); nothing touches a device. An autotuned kernel is compiled with each
+of its configs; the first, marked ``*``, is the one ``FASTATTN_AUTOTUNE=0`` launches.
 
 What is reported, per kernel, dtype, size, config and architecture
 ------------------------------------------------------------------
@@ -34,13 +30,12 @@ Problems (the exit status is 1 when there is one): a launch shape with no config
 fits shared memory, a first config that does not fit, a first config that spills on
 sm_90 in fp16/bf16, and a kernel that does not compile.
 
-Tests run Triton under ``TRITON_INTERPRET=1``, where ``@triton.jit`` kernels are
-interpreted and cannot be compiled, and the mode is fixed when Triton is imported. So
-the compiling happens in worker processes started with ``TRITON_INTERPRET`` (and
-``FASTATTN_AUTOTUNE``, which would hide all but the first config) unset; the workers
-also compile in parallel. Results are cached on disk, keyed by the Triton version, the
-kernel's source hash (``JITFunction.cache_key``, which covers the ``@triton.jit``
-functions it calls), the arguments' specialisation, the config and the architecture.
+The compiling happens in parallel worker processes started without
+``TRITON_INTERPRET`` (fixed when Triton is imported; the tests set it) and
+``FASTATTN_AUTOTUNE`` (it would hide all but the first config). Results are cached on
+disk, keyed by the Triton version, the kernel's source hash (``JITFunction.cache_key``,
+which covers the jit functions it calls), the arguments' specialisation, the config
+and the architecture.
 """
 from __future__ import annotations
 
@@ -61,9 +56,8 @@ from typing import Any, Iterator, Sequence
 from fastattn.ops import registry
 from fastattn.tools.common import positive_int, positive_ints, render_table
 
+# Shared memory one block may opt in to, per compute capability (CUDA C Programming Guide)
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
-"""Bytes of shared memory one block may opt in to, per compute capability (CUDA C
-Programming Guide, "Technical Specifications per Compute Capability")."""
 # The ops to compile: every registry entry that can launch its kernels (one per family).
 OPS = tuple(spec.name for spec in registry.specs() if spec.launch_kernels is not None)
 DTYPES = ("float16", "bfloat16", "float32")
@@ -236,8 +230,7 @@ class _Job:
 
 
 def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
-    """(kernel, args, kwargs) of every launch the op's launchers make for ``case``,
-    recorded instead of run."""
+    """(kernel, args, kwargs) of every launch the op's launchers make for ``case``."""
     import importlib
     import pkgutil
 
@@ -259,8 +252,7 @@ def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
 
 
 class _Recorder:
-    """What ``launch(kernel)`` returns while recording: ``[grid](*args, **kwargs)``
-    appends (kernel, args, kwargs) to ``recorded`` instead of launching."""
+    """``launch(kernel)`` while recording: ``[grid](*args, **kwargs)`` appends them."""
 
     def __init__(self, kernel, recorded: list) -> None:
         self.kernel, self.recorded = kernel, recorded
@@ -277,10 +269,8 @@ def _jobs(spec: dict) -> Iterator[_Job]:
     for case in (Case(**c) for c in spec["cases"]):
         seen = set()
         for kernel, args, kwargs in _launches(case):
-            # A launch the case already made (the same kernel and constexprs, e.g. the
-            # backward's Δ kernel of a variant launch) compiles to the same binary.
             launch = (id(kernel), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-            if launch in seen:
+            if launch in seen:      # made before in this case: the same binary (e.g. Δ)
                 continue
             seen.add(launch)
             # An autotuned kernel is an Autotuner holding the JITFunction in .fn.
@@ -309,8 +299,7 @@ def _cache_key(job: _Job) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-# What an autotune config sets beside the BLOCK_ tiles: not part of a launch's variant.
-_CONFIG_KEYS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+_CONFIG_KEYS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})  # not variants
 
 
 def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
