@@ -324,3 +324,18 @@ def test_opcheck(backend, variant):
     bwd = torch.ops.fastattn.flash_attention_bwd.default
     torch.library.opcheck(bwd, (do, q.detach(), k.detach(), v.detach(), o.detach(),
                                 lse.detach(), *args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_long_gradient_sums_accumulate_in_fp32_on_cpu(dtype):
+    """dV of 339 queries on one key is a sum of 339 rows: summed in fp16/bf16 (PyTorch's
+    reduced-precision CPU kernel) it came out 0.25 off in bf16 (flash-attn's test
+    ``splitkv``); summed in fp32 and rounded once it is within one rounding of exact."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, t, 40, generator=g).to(dtype).requires_grad_()
+               for t in (339, 1, 1))
+    do = torch.randn(1, 2, 339, 40, generator=g).to(dtype)
+    with fastattn.use_backend("torch"):
+        dv = torch.autograd.grad(fastattn.flash_attention(q, k, v), v, do)[0]
+    exact = do.double().sum(dim=2, keepdim=True)             # P = 1: dV = Σ_i dO_i
+    assert ((dv.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + 1e-6).all()

@@ -136,7 +136,14 @@ def _aten_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
               ) -> tuple[Tensor, Tensor]:
     """PyTorch's CPU flash kernel (its causal mask is the square one: Tq == Tk). Without
     a mask, the G query heads of a KV head are its G·Tq rows (``_rows_per_kv_head``):
-    K/V are read once, not repeated G times (decoding against a GQA cache)."""
+    K/V are read once, not repeated G times (decoding against a GQA cache).
+
+    fp16/bf16 run it on fp32 copies (O(T·D), never T×T): its reduced-precision backward
+    sums dV and dQ in the input dtype (dV of 339 queries on one key: 0.25 off in bf16,
+    where eager torch is exact), and the forward is upcast with it so both see one P."""
+    if q.dtype != torch.float32:
+        o, lse = _aten_fwd(q.float(), k.float(), v.float(), causal, scale)
+        return o.to(q.dtype), lse
     b, h, tq, d = q.shape
     hkv = k.shape[1]
     if not causal and hkv < h:
@@ -150,6 +157,10 @@ def _aten_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
 
 def _aten_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
               causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if q.dtype != torch.float32:                  # fp32 accumulation (see _aten_fwd)
+        grads = _aten_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse,
+                          causal, scale)
+        return tuple(g.to(q.dtype) for g in grads)
     b, h, tq, d = q.shape
     hkv = k.shape[1]
     if not causal and hkv < h:
