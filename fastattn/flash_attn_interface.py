@@ -49,6 +49,18 @@ def _check_rank(fn: str, layout: str, **tensors: Tensor) -> None:
             raise ValueError(f"{fn}: {name} must have shape {layout}, got {tuple(t.shape)}")
 
 
+def _unpack(fn: str, name: str, packed: Tensor, dim: int, parts: str, layout: str
+            ) -> tuple[Tensor, ...]:
+    """The views ``packed.unbind(dim)`` of a packed tensor (read in place by the kernels;
+    the gradient comes back packed), after checking its rank and its ``dim`` size: one
+    slice per letter of ``parts`` ("qkv" or "kv")."""
+    _check_rank(fn, layout, **{name: packed})
+    if packed.shape[dim] != len(parts):
+        raise ValueError(f"{fn}: {name} dim {dim} must be {len(parts)} "
+                         f"({', '.join(parts)}), got shape {tuple(packed.shape)}")
+    return packed.unbind(dim=dim)
+
+
 def _probs(q: Tensor, k: Tensor, lse: Tensor, options: dict, sequence: int = 0) -> Tensor:
     """S_dmask of one dense (B, H, Tq, D) batch: softmax probabilities in float32,
     negated where dropout dropped them. ``sequence`` is the batch index of q's first
@@ -99,11 +111,8 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D), read in place
     (the kernels take the three strided slices); the gradient comes back packed."""
-    _check_rank("flash_attn_qkvpacked_func", "(batch, seqlen, 3, nheads, headdim)", qkv=qkv)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"flash_attn_qkvpacked_func: qkv dim 2 must be 3 (q, k, v), "
-                         f"got shape {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(dim=2)
+    q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 2, "qkv",
+                      "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -115,11 +124,8 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_kvpacked_func``: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D)
     read in place."""
-    _check_rank("flash_attn_kvpacked_func", "(batch, seqlen, 2, nheads_k, headdim)", kv=kv)
-    if kv.shape[2] != 2:
-        raise ValueError(f"flash_attn_kvpacked_func: kv dim 2 must be 2 (k, v), "
-                         f"got shape {tuple(kv.shape)}")
-    k, v = kv.unbind(dim=2)
+    k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, "kv",
+                   "(batch, seqlen, 2, nheads_k, headdim)")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -164,11 +170,8 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      deterministic: bool = False,
                                      return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D)."""
-    _check_rank("flash_attn_varlen_qkvpacked_func", "(total, 3, nheads, headdim)", qkv=qkv)
-    if qkv.shape[1] != 3:
-        raise ValueError(f"flash_attn_varlen_qkvpacked_func: qkv dim 1 must be 3 (q, k, v), "
-                         f"got shape {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(dim=1)
+    q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, "qkv",
+                      "(total, 3, nheads, headdim)")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)
@@ -184,11 +187,8 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D),
     kv (total_k, 2, Hkv, D)."""
-    _check_rank("flash_attn_varlen_kvpacked_func", "(total, 2, nheads_k, headdim)", kv=kv)
-    if kv.shape[1] != 2:
-        raise ValueError(f"flash_attn_varlen_kvpacked_func: kv dim 1 must be 2 (k, v), "
-                         f"got shape {tuple(kv.shape)}")
-    k, v = kv.unbind(dim=1)
+    k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 1, "kv",
+                   "(total, 2, nheads_k, headdim)")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
                                   softcap, alibi_slopes, deterministic, return_attn_probs)
