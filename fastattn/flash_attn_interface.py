@@ -7,8 +7,10 @@ alignment, ``-1`` for an unbounded window side, ``causal`` meaning the window
 ``(left, 0)``), and runs on a GPU through the Triton kernels and on a CPU through the
 ``torch`` backend, both memory-efficient. Differences from flash-attn:
 
-* ``deterministic`` is accepted and changes nothing: fastattn's backward is always
-  deterministic (every gradient element is written by one program, no atomics).
+* ``deterministic`` defaults to None, not False: fastattn's backward stays
+  deterministic (every gradient element written by one program, no atomics) unless
+  ``deterministic=False`` is passed, which on the Triton kernels picks the one-pass
+  backward that adds dQ with atomics (flash-attn's meaning of False).
 * ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` where ``S_dmask``
   is built on request, in float32, by materialising the (B, H, Tq, Tk) probabilities
   (it is a testing aid, as in flash-attn): the probabilities, negated where dropout
@@ -30,7 +32,8 @@ from fastattn.ops.flash_attention import draw_rng, flash_attention, flash_attent
 from fastattn.ops.kvcache import flash_attn_with_kvcache
 
 
-def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, fn):
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+             deterministic, fn):
     """The fastattn keywords of a flash-attn call (dropout's (seed, offset) drawn here,
     so that ``S_dmask`` can rebuild the mask the kernels used)."""
     if not isinstance(window_size, (tuple, list)):
@@ -38,7 +41,8 @@ def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slope
                          f"{window_size!r}")
     rng = draw_rng() if dropout_p > 0 else None
     return dict(causal=causal, scale=softmax_scale, window=tuple(window_size),
-                softcap=softcap, alibi=alibi_slopes, dropout_p=dropout_p, rng=rng)
+                softcap=softcap, alibi=alibi_slopes, dropout_p=dropout_p, rng=rng,
+                deterministic=deterministic is not False)
 
 
 def _check_rank(fn: str, layout: str, **tensors: Tensor) -> None:
@@ -88,14 +92,14 @@ def _probs(q: Tensor, k: Tensor, lse: Tensor, options: dict, sequence: int = 0) 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                    alibi_slopes: Tensor | None = None, deterministic: bool | None = None,
                     return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_func``. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), Hkv
     dividing H; any head dim up to 256. Returns a contiguous (B, Tq, H, D) tensor, and
     with ``return_attn_probs`` also the log-sum-exp (B, H, Tq) and ``S_dmask``."""
     _check_rank("flash_attn_func", "(batch, seqlen, nheads, headdim)", q=q, k=k, v=v)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                       "flash_attn_func")
+                       deterministic, "flash_attn_func")
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)                     # (B, H, T, D) views
     out, lse = flash_attention(qt, kt, v.transpose(1, 2), return_lse=True, **options)
     out = out.transpose(1, 2).contiguous()                            # (B, Tq, H, D)
@@ -107,7 +111,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               softmax_scale: float | None = None, causal: bool = False,
                               window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                              alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                              alibi_slopes: Tensor | None = None, deterministic: bool | None = None,
                               return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_qkvpacked_func``: qkv (B, T, 3, H, D), read in place
     (the kernels take the three strided slices); the gradient comes back packed."""
@@ -120,7 +124,7 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              softmax_scale: float | None = None, causal: bool = False,
                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                             alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                             alibi_slopes: Tensor | None = None, deterministic: bool | None = None,
                              return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_kvpacked_func``: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D)
     read in place."""
@@ -135,7 +139,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            dropout_p: float = 0.0, softmax_scale: float | None = None,
                            causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                            softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                           deterministic: bool = False, return_attn_probs: bool = False,
+                           deterministic: bool | None = None, return_attn_probs: bool = False,
                            block_table: Tensor | None = None):
     """flash-attn's ``flash_attn_varlen_func``: q (total_q, H, D), k, v (total_k, Hkv, D),
     ``cu_seqlens_q/k`` int32 (B + 1,). Returns (total_q, H, D), and with
@@ -145,7 +149,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                                   "served here; use flash_attn_with_kvcache for paged caches")
     _check_rank("flash_attn_varlen_func", "(total, nheads, headdim)", q=q, k=k, v=v)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                       "flash_attn_varlen_func")
+                       deterministic, "flash_attn_varlen_func")
     out, lse = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                       int(max_seqlen_k), return_lse=True, **options)
     if not return_attn_probs:
@@ -167,7 +171,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      softmax_scale: float | None = None, causal: bool = False,
                                      window_size: tuple[int, int] = (-1, -1),
                                      softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                                     deterministic: bool = False,
+                                     deterministic: bool | None = None,
                                      return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, H, D)."""
     q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, "qkv",
@@ -183,7 +187,7 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     softmax_scale: float | None = None, causal: bool = False,
                                     window_size: tuple[int, int] = (-1, -1),
                                     softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                                    deterministic: bool = False,
+                                    deterministic: bool | None = None,
                                     return_attn_probs: bool = False):
     """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, H, D),
     kv (total_k, 2, Hkv, D)."""

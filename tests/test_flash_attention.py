@@ -176,6 +176,35 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", [{}, {"window": (7, 3), "softcap": 3.0}])
+def test_nondeterministic_backward_matches_float64(backend, variant, monkeypatch):
+    """deterministic=False reaches the backend (the Triton kernels' one-pass atomic-dQ
+    backward) and its gradients match float64 as the default path's do."""
+    seen = []
+    module = _attention_torch
+    if backend == "triton":
+        from fastattn.kernels import flash_attention as module
+    bwd = module.attn_bwd
+    monkeypatch.setattr(module, "attn_bwd",
+                        lambda *a, **kw: seen.append(kw["deterministic"]) or bwd(*a, **kw))
+    q, k, v = _inputs(1, 4, 2, 37, 45, 40, torch.float32)
+    o = _run(backend, q, k, v, True, deterministic=False, **variant)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    assert seen == [False]
+    xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.attention(*xs, causal=True, **variant)[0]
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, xs, do.double())):
+        assert_close(g, r, f"d{name}")
+
+
+def test_deterministic_must_be_a_bool():
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match=r"deterministic must be a bool, got 'no'"):
+        fastattn.flash_attention(q, k, v, deterministic="no")
+
+
 def test_custom_scale_and_lse_is_detached():
     q, k, v = _inputs(1, 2, 2, 10, 10, 16, torch.float32)
     o, lse = fastattn.flash_attention(q, k, v, causal=True, scale=0.3, return_lse=True)
@@ -308,11 +337,12 @@ def test_opcheck(backend, variant):
     ones, for the plain call and with every variant argument set."""
     q, k, v = _inputs(1, 4, 2, 9, 12, 16, torch.float32)
     # (cu_seqlens_q, cu_seqlens_k, alibi, max_q, max_k, causal, left, right, softcap,
-    #  dropout_p, seed, offset, scale, backend)
-    args = [None, None, None, 0, 0, True, -1, 0, 0.0, 0.0, 0, 0, 0.25, backend]
+    #  dropout_p, seed, offset, scale, backend, deterministic)
+    args = [None, None, None, 0, 0, True, -1, 0, 0.0, 0.0, 0, 0, 0.25, backend, True]
     if variant == "variants":
         args[2] = torch.rand(1, 4)
         args[6:12] = [5, 0, 2.0, 0.25, 1234, 7]
+        args[-1] = False                    # the one-pass atomic backward on triton
     elif variant == "varlen":
         q, k, v = (x.detach()[0].transpose(0, 1).requires_grad_() for x in (q, k, v))
         args[:5] = [torch.tensor([0, 4, 9], dtype=torch.int32),

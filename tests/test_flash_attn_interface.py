@@ -317,3 +317,18 @@ def test_signatures_are_flash_attn_s():
         "qkv", "dropout_p"]
     assert list(inspect.signature(fai.flash_attn_varlen_qkvpacked_func).parameters)[:4] == [
         "qkv", "cu_seqlens", "max_seqlen", "dropout_p"]
+
+
+@pytest.mark.parametrize("given, passed", [({}, True), ({"deterministic": None}, True),
+                                           ({"deterministic": True}, True),
+                                           ({"deterministic": False}, False)])
+def test_deterministic_flag_reaches_the_backward(given, passed, monkeypatch):
+    """fastattn's backward stays deterministic unless False is asked for explicitly
+    (flash-attn's meaning of False: the one-pass atomic-dQ backward)."""
+    seen = []
+    attention = fai.flash_attention
+    monkeypatch.setattr(fai, "flash_attention", lambda *a, **kw: seen.append(
+        kw["deterministic"]) or attention(*a, **kw))
+    q, k, v = (_rand(1, 9, 2, 16, seed=s) for s in range(3))
+    fai.flash_attn_func(q, k, v, causal=True, **given).sum().backward()
+    assert seen == [passed]

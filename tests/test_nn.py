@@ -201,7 +201,7 @@ def test_triton_op_registration_without_interpreter():
         v = torch.randn(1, 2, 9, 16, requires_grad=True)
         torch.library.opcheck(torch.ops.fastattn.flash_attention_fwd.default,
                               (q, k, v, None, None, None, 0, 0, True, -1, 0, 0.0, 0.0, 0, 0,
-                               0.25, "torch"))
+                               0.25, "torch", True))
         m = fastattn.nn.CausalSelfAttention(32, 2)
         x = torch.randn(2, 10, 32)
         out = torch.compile(m, fullgraph=True)(x)

@@ -108,9 +108,11 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
              softcap: float = 0.0, alibi: Tensor | None = None, dropout_p: float = 0.0,
              seed: int = 0, offset: int = 0, cu_seqlens_q: Tensor | None = None,
              cu_seqlens_k: Tensor | None = None, max_seqlen_q: int = 0,
-             max_seqlen_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+             max_seqlen_k: int = 0, deterministic: bool = True
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dq, dk, dv in the layouts of q, k, v (dense or varlen), contiguous, in the
-    input dtype. The other arguments are those of the forward, and its o and lse."""
+    input dtype. The other arguments are those of the forward, and its o and lse;
+    ``deterministic`` is accepted for the kernels' signature: this backward always is."""
     if cu_seqlens_q is None and _plain_aten(q, k, causal, window, softcap, alibi, dropout_p):
         return _aten_bwd(do, q, k, v, o, lse, causal, scale)
     var = _variant(window, softcap, alibi, dropout_p, seed, offset)

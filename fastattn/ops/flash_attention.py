@@ -53,7 +53,9 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None,
          cu_seqlens_k: Tensor | None, alibi: Tensor | None, max_seqlen_q: int,
          max_seqlen_k: int, causal: bool, window_left: int, window_right: int,
          softcap: float, dropout_p: float, seed: int, offset: int, scale: float,
-         backend: str) -> tuple[Tensor, Tensor]:
+         backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
+    # deterministic only chooses the backward's algorithm; it travels with the
+    # forward's arguments to the autograd formula.
     return _backend(backend).attn_fwd(
         q, k, v, causal, scale, window=(window_left, window_right), softcap=softcap,
         alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
@@ -63,7 +65,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None,
 
 @_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, max_seqlen_q, max_seqlen_k, causal,
-      window_left, window_right, softcap, dropout_p, seed, offset, scale, backend):
+      window_left, window_right, softcap, dropout_p, seed, offset, scale, backend,
+      deterministic):
     if cu_seqlens_q is not None:                                  # (total, H, D)
         total, h, _ = q.shape
         return q.new_empty(q.shape), q.new_empty(h, total, dtype=torch.float32)
@@ -76,12 +79,12 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
          cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, alibi: Tensor | None,
          max_seqlen_q: int, max_seqlen_k: int, causal: bool, window_left: int,
          window_right: int, softcap: float, dropout_p: float, seed: int, offset: int,
-         scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+         scale: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _backend(backend).attn_bwd(
         do, q, k, v, o, lse, causal, scale, window=(window_left, window_right),
         softcap=softcap, alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k)
+        max_seqlen_k=max_seqlen_k, deterministic=deterministic)
 
 
 @_bwd.register_fake
@@ -104,7 +107,7 @@ def _backward(ctx, do, dlse):
     dq, dk, dv = _bwd(do, q, k, v, o, lse, cu_q, cu_k, alibi, *ctx.params)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            *(None,) * 14)
+            *(None,) * 15)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -143,7 +146,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dims: int, layout: str) -> None:
 
 
 def _check_variants(q: Tensor, heads: int, batch: int, scale, window, softcap, alibi,
-                    dropout_p) -> None:
+                    dropout_p, deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if (not isinstance(window, (tuple, list)) or len(window) != 2
@@ -183,7 +188,7 @@ def _everyday(q, k, v) -> bool:
 
 def validate(q: Tensor, k: Tensor, v: Tensor, scale: float | None,
              window=(-1, -1), softcap: float = 0.0, alibi: Tensor | None = None,
-             dropout_p: float = 0.0) -> None:
+             dropout_p: float = 0.0, deterministic: bool = True) -> None:
     """Raise a TypeError/ValueError naming the argument, its value and what is allowed."""
     _check_qkv(q, k, v, 4, "(batch, heads, seq_len, head_dim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -193,7 +198,8 @@ def validate(q: Tensor, k: Tensor, v: Tensor, scale: float | None,
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k batch size must equal q batch size {q.shape[0]}, "
                          f"got {k.shape[0]}")
-    _check_variants(q, q.shape[1], q.shape[0], scale, window, softcap, alibi, dropout_p)
+    _check_variants(q, q.shape[1], q.shape[0], scale, window, softcap, alibi, dropout_p,
+                    deterministic)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, q: Tensor, total: int) -> None:
@@ -214,7 +220,8 @@ def _check_cu_seqlens(name: str, cu: Tensor, q: Tensor, total: int) -> None:
 def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float | None, window=(-1, -1), softcap: float = 0.0,
-                    alibi: Tensor | None = None, dropout_p: float = 0.0) -> None:
+                    alibi: Tensor | None = None, dropout_p: float = 0.0,
+                    deterministic: bool = True) -> None:
     """``validate`` for packed (total, H, D) sequences with cumulative lengths."""
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0])
@@ -232,7 +239,7 @@ def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
             if longest > n:
                 raise ValueError(f"{name}={n} is below the longest sequence, {longest}")
     _check_variants(q, q.shape[1], len(cu_seqlens_q) - 1, scale, window, softcap, alibi,
-                    dropout_p)
+                    dropout_p, deterministic)
 
 
 # ----------------------------------------------------------------------------- API
@@ -261,7 +268,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
                     scale: float | None = None, return_lse: bool = False, *,
                     window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi: Tensor | None = None, dropout_p: float = 0.0,
-                    rng: tuple[int, int] | None = None
+                    rng: tuple[int, int] | None = None, deterministic: bool = True
                     ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention ``softmax(scale · q kᵀ) v`` without materialising the T×T matrix.
 
@@ -286,18 +293,24 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
         dropout_p: attention dropout probability (applied to the probabilities, scaled by
             ``1 / (1 - dropout_p)``; pass 0 in evaluation). The mask comes from Philox on
             ``rng = (seed, offset)``, drawn from torch's default generator when None.
+        deterministic: True (default): the backward writes every gradient element from
+            one program, so gradients are bitwise reproducible. False: on the Triton
+            kernels, a one-pass backward (5 matmuls per tile instead of 7) that adds dQ
+            with atomics, so dq may differ in its last bits between runs (flash-attn's
+            meaning of the flag). The torch backend is deterministic either way.
 
     D may be any size from 1 to 256. Returns (B, H, Tq, D) in q's dtype, contiguous.
     """
     if not (scale is None and alibi is None and window == (-1, -1) and not softcap
-            and not dropout_p and _everyday(q, k, v)):
-        validate(q, k, v, scale, window, softcap, alibi, dropout_p)
+            and not dropout_p and deterministic is True and _everyday(q, k, v)):
+        validate(q, k, v, scale, window, softcap, alibi, dropout_p, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = backends.resolve(OP, q.device, BACKENDS)
     seed, offset = (rng or draw_rng()) if dropout_p > 0 else (0, 0)
     left, right = _window(causal, window)
     o, lse = _fwd(q, k, v, None, None, _alibi(alibi, q.shape[0]), 0, 0, bool(causal), left,
-                  right, float(softcap), float(dropout_p), seed, offset, scale, backend)
+                  right, float(softcap), float(dropout_p), seed, offset, scale, backend,
+                  deterministic)
     return (o, lse.detach()) if return_lse else o
 
 
@@ -306,8 +319,8 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            causal: bool = False, scale: float | None = None,
                            return_lse: bool = False, *, window: tuple[int, int] = (-1, -1),
                            softcap: float = 0.0, alibi: Tensor | None = None,
-                           dropout_p: float = 0.0, rng: tuple[int, int] | None = None
-                           ) -> Tensor | tuple[Tensor, Tensor]:
+                           dropout_p: float = 0.0, rng: tuple[int, int] | None = None,
+                           deterministic: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """``flash_attention`` over a packed batch of sequences of different lengths.
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D); any strides. Sequence b owns rows
@@ -321,7 +334,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     (H, total_q) in float32, flash-attn's varlen layout.
     """
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    window, softcap, alibi, dropout_p)
+                    window, softcap, alibi, dropout_p, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = backends.resolve(OP, q.device, BACKENDS)
     seed, offset = (rng or draw_rng()) if dropout_p > 0 else (0, 0)
@@ -329,7 +342,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     o, lse = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
                   _alibi(alibi, len(cu_seqlens_q) - 1), max_seqlen_q, max_seqlen_k,
                   bool(causal), left, right, float(softcap), float(dropout_p), seed, offset,
-                  scale, backend)
+                  scale, backend, deterministic)
     return (o, lse.detach()) if return_lse else o
 
 
