@@ -17,7 +17,7 @@ from fastattn._warnings import warn_fallback
 from fastattn.ops import registry
 from fastattn.ops.flash_attention import HEAD_DIMS, flash_attention, head_dim_supported
 from fastattn.ops.gelu import bias_gelu, gelu
-from fastattn.ops.kvcache import flash_attn_with_kvcache
+from fastattn.ops.kvcache import attend_cache, flash_attn_with_kvcache
 from fastattn.ops.layer_norm import layer_norm, rms_norm
 from fastattn.ops.rope import rope
 from fastattn.ops.swiglu import ACTIVATIONS as _GATED_ACTIVATIONS
@@ -43,6 +43,9 @@ class KVCache:
         if start is not None and tuple(start.shape) != (batch,):
             raise ValueError(f"start must have shape ({batch},), got {tuple(start.shape)}")
         self.start = None if start is None else start.to(device=device, dtype=torch.int32)
+        # The next free position as a (1,) int64 tensor, set by the caller of a compiled
+        # decoding step (``GPT.generate(compile=True)``): see ``attend``.
+        self.column: Tensor | None = None
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v: (B, Hkv, T, D) for the new positions. Returns (B, Hkv, length, D) views."""
@@ -55,7 +58,6 @@ class KVCache:
         self.length = stop
         return self.k[:, :, :stop], self.v[:, :, :stop]
 
-    @torch.compiler.disable
     def attend(self, q: Tensor, k: Tensor, v: Tensor,
                attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """Append k, v (B, Hkv, T, D) and return the causal attention (bottom-right) of
@@ -63,8 +65,27 @@ class KVCache:
         positions, or, with ``start``, ``flash_attn_with_kvcache`` with
         ``cache_leftpad=start``, which attends only positions ``start[b]..``.
 
-        Runs eagerly under ``torch.compile``: the cache length changes every step, so
-        the compiled parts of a decoding step keep static shapes."""
+        Under ``torch.compile`` with ``column`` set, the step keeps static shapes and
+        stays one graph: k, v are written at ``column`` and fastattn's cache kernel
+        attends the whole buffers up to there (``length`` is then the caller's to
+        advance). Otherwise the cache runs eagerly, between the compiled parts."""
+        if self.column is not None and torch.compiler.is_compiling():
+            return self._attend_at_column(q, k, v)
+        return self._attend_eager(q, k, v, attend)
+
+    def _attend_at_column(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        t = k.shape[2]
+        columns = self.column + torch.arange(t, device=k.device)
+        self.k.index_copy_(2, columns, k)
+        self.v.index_copy_(2, columns, v)
+        end = (self.column + t).to(torch.int32).expand(q.shape[0])
+        out = attend_cache(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
+                           end, self.start)
+        return out.transpose(1, 2)                                   # (B, H, T, D)
+
+    @torch.compiler.disable
+    def _attend_eager(self, q: Tensor, k: Tensor, v: Tensor,
+                      attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         keys, values = self.append(k, v)
         if self.start is None:
             return attend(q, keys, values)

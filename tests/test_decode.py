@@ -85,9 +85,10 @@ def test_fast_and_naive_decode_the_same_tokens():
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
     """``generate(compile=True)`` (torch.compile of the one-token step, static shapes,
-    the cache attention eager between the compiled parts) gives the eager tokens, for a
-    plain batch past the window slide and for a left-padded one. Static shapes: with
-    recompilation made an error, every step after the first reuses what it compiled."""
+    the caches written at a column tensor) gives the eager tokens, for a plain batch
+    past the window slide and for a left-padded one. Static shapes: with recompilation
+    made an error, every step after the first reuses what it compiled; and the step is
+    one graph (the cache attention traced in, no graph break)."""
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile is not available in this torch")
     from torch._dynamo.utils import counters
@@ -101,4 +102,6 @@ def test_compiled_decode_step_gives_the_same_tokens():
         with torch._dynamo.config.patch(error_on_recompile=True):
             got = model.generate(idx, n, temperature=0, compile=True, **kw)
         assert counters["frames"]["ok"] > 0, "nothing was compiled"
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1
         assert torch.equal(got, want)

@@ -317,3 +317,26 @@ BAD = [
 def test_bad_input_raises(change, message):
     with pytest.raises((TypeError, ValueError), match=message):
         flash_attn_with_kvcache(**_bad(change))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tq, leftpad", [(1, None), (1, [3, 0, 11]), (3, [2, 5, 0])])
+def test_attend_cache_matches_float64(backend, tq, leftpad):
+    """``attend_cache`` (the traceable cache attention of a compiled decoding step: the
+    Triton kernel, or on the torch backend one boolean mask over the whole cache) sees
+    exactly positions [key_start, key_end) of each sequence, causally aligned to the end."""
+    g = torch.Generator().manual_seed(7)
+    b, h, hkv, d, cap = 3, 4, 2, 16, 24
+    ends = torch.tensor([9, 24, 14], dtype=torch.int32)
+    starts = None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32)
+    q = torch.randn(b, tq, h, d, generator=g)
+    k_cache, v_cache = (torch.randn(b, cap, hkv, d, generator=g) for _ in range(2))
+    with fastattn.use_backend(backend):
+        got = kvcache.attend_cache(*(x.to(DEVICE) for x in (q, k_cache, v_cache, ends)),
+                                   None if starts is None else starts.to(DEVICE))
+    for i in range(b):
+        first = 0 if starts is None else int(starts[i])
+        keys = lambda c: c[i:i + 1, first:int(ends[i])].double().transpose(1, 2)  # noqa
+        want = reference.attention(q[i:i + 1].double().transpose(1, 2), keys(k_cache),
+                                   keys(v_cache), causal=True)[0].transpose(1, 2)
+        assert_close(got[i:i + 1].cpu(), want, "out")

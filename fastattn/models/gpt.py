@@ -308,12 +308,10 @@ class GPT(nn.Module):
         each row gets the tokens it would get alone. Needs ``use_cache`` and the fast
         model.
 
-        ``compile``: run the one-token decoding step through ``torch.compile`` with
-        static shapes (a (B, 1) token and its positions against the preallocated cache;
-        the cache attention itself runs eagerly between the compiled parts, see
-        ``KVCache.attend``); on CUDA with CUDA graphs (mode ``"reduce-overhead"``), as
-        gpt-fast does. The first call compiles (seconds to a minute); the tokens are the
-        same as without it.
+        ``compile``: the one-token decoding step through ``torch.compile`` with static
+        shapes, as one graph for the fast model (the caches written at a column tensor,
+        see ``KVCache.attend``), with CUDA graphs on CUDA (``"reduce-overhead"``), as
+        gpt-fast does. The first call compiles (seconds to a minute); same tokens.
 
         ``eos``: a row that emits it is finished, and is padded with ``eos`` while others
         go on; generation stops early when every row is finished.
@@ -374,13 +372,14 @@ class GPT(nn.Module):
         gen = None if seed is None else torch.Generator(idx.device).manual_seed(seed)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         step = self._compiled_decode_step(idx.device) if compile else self._decode_step
-        caches = None
-        out = idx
+        # Compiled, the fast model's step is one graph: its caches write at a column
+        # tensor (``KVCache.attend``); the naive model's attention stays eager.
+        static = compile and self.config.attention == "fast"
+        caches, out = None, idx
         for _ in range(max_new_tokens):
             window = out[:, -bs:]
             # Left padding inside the window: the columns before each row's first token.
-            pad = None if pads is None else (pads - (out.shape[1] - window.shape[1])).clamp(
-                min=0)
+            pad = None if pads is None else (pads - out.shape[1] + window.shape[1]).clamp(0)
             if not use_cache:
                 logits = self.lm_head(self._hidden(window)[:, -1]).float()
             elif caches is None or caches[0].length == bs:
@@ -388,6 +387,8 @@ class GPT(nn.Module):
                 if caches is None:
                     caches = self.make_caches(out.shape[0], bs, out.device,
                                               self._compute_dtype(out.device))
+                    for buffer in (t for c in caches if static for t in (c.k, c.v)):
+                        torch._dynamo.mark_static_address(buffer)   # CUDA graphs write it
                 for cache in caches:
                     cache.reset()
                     cache.start = None if pad is None else pad.to(torch.int32)
@@ -396,9 +397,14 @@ class GPT(nn.Module):
             else:
                 # The last token as its own (B, 1) tensor, not a view of the growing
                 # ``out``, whose strides would change every step (and recompile).
+                length = caches[0].length
+                column = torch.tensor([length], device=out.device) if static else None
+                for cache in caches:
+                    cache.column = column
                 logits = step(out[:, -1:].clone(memory_format=torch.contiguous_format),
-                              _positions(caches[0].length, 1, pad, out.device),
-                              caches)                                 # (B, V)
+                              _positions(length, 1, pad, out.device), caches)  # (B, V)
+                for cache in caches if static else ():   # the compiled step wrote there
+                    cache.length = length + 1
             seen = out if pads is None or repetition_penalty == 1.0 else _real(out, pads)
             nxt = next_token(logits, seen, temperature, top_k, top_p,
                              repetition_penalty, gen)                 # (B,)

@@ -367,6 +367,31 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
+def attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_end: Tensor,
+                 key_start: Tensor | None = None) -> Tensor:
+    """Causal attention of q (B, Tq, H, D) over cache positions [key_start, key_end)
+    (int32 (B,) tensors) of contiguous (B, T, Hkv, D) caches, default scale; no append and
+    no checks on the host, so a compiled decoding step traces it in one graph. For
+    callers that keep their own caches consistent (``fastattn.nn.KVCache``)."""
+    backend = backends.resolve(OP, q.device, BACKENDS)
+    if backend == "triton":
+        return _fwd(q, k_cache, v_cache, key_end, key_start, None, None, None,
+                    q.shape[-1] ** -0.5, -1, 0, 0.0, 0, backend)[0]
+    # The torch backend's per-sequence loop reads the lengths on the host, which a graph
+    # cannot; here each query row masks the whole cache instead (Tq × T_cache booleans;
+    # Tq is 1 when decoding) and PyTorch's attention reads it once.
+    tq, t = q.shape[1], k_cache.shape[1]
+    cols = torch.arange(t, device=q.device)
+    last = key_end[:, None].long() - tq + torch.arange(tq, device=q.device)    # (B, Tq)
+    visible = cols <= last[:, :, None]                                          # (B, Tq, T)
+    if key_start is not None:
+        visible &= cols >= key_start[:, None, None].long()
+    gqa = {"enable_gqa": True} if k_cache.shape[2] != q.shape[2] else {}
+    out = F.scaled_dot_product_attention(*_heads_first(q, k_cache, v_cache),
+                                         attn_mask=visible[:, None], **gqa)
+    return out.transpose(1, 2)
+
+
 # ------------------------------------------------------------------ registry entry
 
 
