@@ -64,7 +64,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "ninja", "pybind11",
-                 "transformers>=4.48", "tokenizers", "matplotlib"],
+                 "transformers>=4.48", "tokenizers", "matplotlib", "kernels>=0.17"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "ext": ["ninja", "pybind11"],
     },

@@ -97,7 +97,7 @@ def swap(model: nn.Module, **enabled: bool) -> SwapReport:
 
 # Activations that are not torch's (transformers' GELUActivation, SiLUActivation, ...);
 # norms are told by "Norm" in the class name (LlamaRMSNorm, T5LayerNorm, nn.GroupNorm).
-_ACTIVATION_NAME = re.compile(r"GELU|Gelu|SiLU|Swish|ReLU|Activation")
+ACTIVATION_NAME = re.compile(r"GELU|Gelu|SiLU|Swish|ReLU|Activation")
 
 
 def _unrecognised(module: nn.Module) -> str | None:
@@ -106,7 +106,7 @@ def _unrecognised(module: nn.Module) -> str | None:
     name = type(module).__name__
     if "Norm" in name:
         return "a norm class fastattn does not recognise: swap replaces nn.LayerNorm, nn.RMSNorm"
-    if type(module).__module__ == nn.GELU.__module__ or _ACTIVATION_NAME.search(name):
+    if type(module).__module__ == nn.GELU.__module__ or ACTIVATION_NAME.search(name):
         return "an activation class fastattn does not recognise: swap replaces nn.GELU"
     return None
 

@@ -43,6 +43,8 @@ MODELS = {
     "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**DECODER)),
     "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig(
         **DECODER, sliding_window=WINDOW)),
+    "mistral_nowindow": (transformers.MistralForCausalLM, transformers.MistralConfig(
+        **DECODER, sliding_window=None)),
     "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(     # layer 1 slides
         **DECODER, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
@@ -63,13 +65,14 @@ MODELS = {
         dropout_rate=0.0, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
         pad_token_id=0, eos_token_id=1)),
 }
-CAUSAL = ("gpt2", "llama", "mistral", "qwen2", "gemma2")
-ROTARY = ("llama", "mistral", "qwen2", "gemma2")
+CAUSAL = ("gpt2", "llama", "mistral", "mistral_nowindow", "qwen2", "gemma2")
+ROTARY = ("llama", "mistral", "mistral_nowindow", "qwen2", "gemma2")
 # (norms, activations, attention) modules replaced / found: the issue's table. T5 passes
 # its relative attention bias (position_bias) to every attention call: those go to SDPA.
 SHARES = {
     "gpt2": ((5, 5), (2, 2), (2, 2)), "bert": ((6, 6), (3, 3), (2, 2)),
     "llama": ((5, 5), (2, 2), (2, 2)), "mistral": ((5, 5), (2, 2), (2, 2)),
+    "mistral_nowindow": ((5, 5), (2, 2), (2, 2)),
     "qwen2": ((5, 5), (2, 2), (2, 2)), "gemma2": ((9, 9), (2, 2), (2, 2)),
     "vit": ((5, 5), (2, 2), (2, 2)), "bart": ((12, 12), (4, 4), (6, 6)),
     "t5": ((12, 12), (4, 4), (0, 6)),
@@ -282,15 +285,43 @@ def test_report_names_what_it_left_and_why():
         def forward(self, x):
             return x / x.abs().amax(-1, keepdim=True)
 
+    class SquaredReLUActivation(torch.nn.Module):         # named like one, from elsewhere
+        def forward(self, x):
+            return torch.relu(x) ** 2
+
     model = torch.nn.Sequential(OddNorm(), transformers.activations.QuickGELUActivation(),
-                                torch.nn.GELU(approximate="tanh"), torch.nn.SiLU(inplace=True))
+                                torch.nn.GELU(approximate="tanh"), torch.nn.SiLU(inplace=True),
+                                SquaredReLUActivation(), torch.nn.Mish())
     model.config = transformers.PretrainedConfig()
     report = kernelize(model, attention=False, loss=False)
-    assert [(cls, why.split(";")[0].split(" (")[0]) for _, _, cls, why in report.left] == [
+    assert [(cls, why) for _, _, cls, why in report.left] == [
         ("OddNorm", "its forward reads like none of the RMSNorm forms kernelize reproduces"),
-        ("QuickGELUActivation", "x·sigmoid(1.702x) is not GELU"),
-        ("SiLU", "inplace=True")]
+        ("SiLU", "inplace=True"),
+        ("SquaredReLUActivation", "an activation fastattn has no kernel for"),
+        ("Mish", "an activation fastattn has no kernel for")]
     assert type(model[2]) is fnn.GELU
+    assert report.share("activations") == (2, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quick_gelu_runs_on_fastattn_silu(dtype):
+    """QuickGELU (CLIP's x·σ(1.702x)) as silu(1.702x) / 1.702: values and gradients
+    against float64, within twice eager's error at the same dtype."""
+    act = transformers.activations.QuickGELUActivation()
+    module = torch.nn.ModuleDict({"a": copy.deepcopy(act)})
+    assert kernelize(module, attention=False, loss=False).share("activations") == (1, 1)
+    g = torch.Generator().manual_seed(6)
+    x = (4 * torch.randn(3, 37, generator=g)).to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    with fastattn_ops() as ran:
+        y = module["a"](x)
+    assert ran["swiglu_fwd"] == 1 and y.dtype == dtype
+    eager, ref = act(x), act(x64)
+    dy = torch.randn(y.shape, generator=g)
+    (gx,), (ex,), (rx,) = (torch.autograd.grad(out, inp, dy.to(out.dtype)) for out, inp in
+                           ((y, x), (eager, x), (ref, x64)))
+    assert_close(y, ref, "y", eager=eager)
+    assert_close(gx, rx, "dx", eager=ex)
 
 
 # ------------------------------------------------------------------ norm forms, casting

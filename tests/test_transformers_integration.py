@@ -411,3 +411,74 @@ def test_each_model_reports_its_own_fallbacks():
             fast(ids, attention_mask=mask4d)                  # ... and a second call
             fallbacks = [w for w in caught if w.category is FallbackWarning]
             assert len(fallbacks) == model + 1, [str(w.message) for w in fallbacks]
+
+
+def _compiled(model):
+    """``torch.compile(fullgraph=True)`` with a backend that keeps each graph's code (the
+    eager backend's run: what dynamo traced, without a C++ compiler)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+    return torch.compile(model, fullgraph=True, backend=keep), graphs
+
+
+@pytest.mark.parametrize("model", [GEMMA2, MISTRAL], ids=["gemma2", "mistral"])
+def test_sliding_window_model_compiles_in_one_graph_on_the_kernel(model):
+    """Regression (issue 16): under ``torch.compile(fullgraph=True)`` Gemma 2 raised an
+    ObservedAttributeError: reading its sliding-window mask function's closure, which
+    dynamo does not allow. Each layer's attention is fastattn's op inside the graph."""
+    eager, fast = _pair(*model)
+    ids = _ids(2, 12, seed=16)
+    compiled, graphs = _compiled(fast.eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        out = compiled(ids).logits
+    torch.testing.assert_close(out, eager.eval()(ids).logits, **TOL)
+    assert len(graphs) == 1 and graphs[0].count("fastattn.flash_attention") == LAYERS
+
+
+def test_compiled_training_without_mask_falls_back_to_sdpa_and_says_so():
+    """Without a mask or a cache transformers builds a packed-sequence pattern around a
+    tensor, which fastattn cannot read under torch.compile: the call goes to SDPA with
+    transformers' own 4-D mask, warned while tracing; loss and gradients stay eager's."""
+    import fastattn._warnings as w
+    w._SEEN.clear()
+    eager, fast = _pair(*MISTRAL)
+    ids = _ids(2, 12, seed=17)
+    compiled, graphs = _compiled(fast.train())
+    with pytest.warns(FallbackWarning, match="under torch.compile.*sdpa_attention_forward"):
+        out = compiled(ids, labels=ids, use_cache=False)
+    ref = eager.train()(ids, labels=ids, use_cache=False)
+    _assert_same_step(fast, eager, out, ref)
+    assert len(graphs) == 1 and "fastattn.flash_attention" not in graphs[0]
+
+
+def test_static_sliding_cache_past_the_window_matches_eager():
+    """Regression (issue 16): with a static cache and a prompt longer than Mistral's
+    window, generate builds the mask once and the model builds it again from the 2-D one
+    it got; fastattn read its own (B, window) mask as padding from position kv_offset on,
+    and the tokens went wrong from the first one generated."""
+    eager, fast = _pair(*MISTRAL)
+    ids, mask = _padded(3, 12, seed=18)
+    mask[2] = 1                                     # left padding only
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    with _served():
+        out = fast.eval().generate(ids, **kw)
+    assert torch.equal(out, eager.eval().generate(ids, **kw))
+
+
+def test_t5_static_cache_fallback_masks_the_unwritten_slots():
+    """Regression (issue 16): T5's decoder under a static cache goes to SDPA (position
+    bias); the 4-D mask built for it skipped the causal mask at one query, and SDPA read
+    the cache slots not written yet (logits off by 2.5)."""
+    eager, fast = _pair(*T5)
+    ids = _ids(2, 9, seed=19)
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, cache_implementation="static")
+    with pytest.warns(FallbackWarning, match="position bias"):
+        out = fast.eval().generate(ids, **kw)
+    ref = eager.eval().generate(ids, **kw)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), **TOL)

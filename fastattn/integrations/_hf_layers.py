@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import activations as hf_act
 
 from fastattn import nn as fnn
+from fastattn._swap import ACTIVATION_NAME
 from fastattn.ops.gelu import gelu
 from fastattn.ops.layer_norm import rms_norm
 from fastattn.ops.swiglu import geglu, silu, swiglu
@@ -222,9 +223,7 @@ _EXACT_GELU = {hf_act.GELUActivation: "none", hf_act.NewGELUActivation: "tanh",
                hf_act.GELUTanh: "tanh", hf_act.FastGELUActivation: "tanh",
                hf_act.AccurateGELUActivation: "tanh"}
 _SILU = (hf_act.SiLUActivation, nn.SiLU)
-_LEFT_ACTIVATIONS = {
-    hf_act.QuickGELUActivation: "x·sigmoid(1.702x) is not GELU; fastattn has no kernel for it",
-}
+_QUICK = 1.702                  # QuickGELU: x·σ(1.702x) = silu(1.702x) / 1.702
 
 
 def _activation_forward(module: nn.Module) -> tuple[Callable, str] | None:
@@ -238,6 +237,9 @@ def _activation_forward(module: nn.Module) -> tuple[Callable, str] | None:
             "fastattn.gelu, then clip"
     if cls in _SILU and not getattr(module, "inplace", False):
         return (lambda self, input: silu(input)), "fastattn.silu"
+    if cls is hf_act.QuickGELUActivation:
+        return (lambda self, input: silu(input * _QUICK) / _QUICK), \
+            "fastattn.silu(1.702x) / 1.702"
     return None
 
 
@@ -258,10 +260,14 @@ _NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax
 
 
 def _is_activation(module: nn.Module) -> bool:
-    """transformers' activation classes and torch's elementwise ones (for the report)."""
+    """transformers' activation classes, torch's elementwise ones, and any class named
+    like an activation (``GELU``, ``SiLU``, ``Activation``...; the report lists those it
+    leaves)."""
     cls = type(module)
-    return cls is fnn.GELU or (cls.__module__ in (hf_act.__name__, nn.GELU.__module__)
-                               and not issubclass(cls, _NOT_ACTIVATIONS))
+    return cls is fnn.GELU or (
+        (cls.__module__ in (hf_act.__name__, nn.GELU.__module__)
+         or ACTIVATION_NAME.search(cls.__name__) is not None)
+        and not issubclass(cls, _NOT_ACTIVATIONS))
 
 
 def _kernelize_activation(path: str, module: nn.Module, report: KernelizeReport) -> None:
@@ -275,9 +281,8 @@ def _kernelize_activation(path: str, module: nn.Module, report: KernelizeReport)
         return
     served = _activation_forward(module)
     if served is None:
-        why = _LEFT_ACTIVATIONS.get(cls) or (
-            "inplace=True" if getattr(module, "inplace", False) else
-            "an activation fastattn has no kernel for")
+        why = "inplace=True" if getattr(module, "inplace", False) else \
+            "an activation fastattn has no kernel for"
         report.left.append(("activations", path, cls.__name__, why))
         return
     if not _claim("activations", path, module, report):

@@ -39,8 +39,11 @@ patches. Each kind has a keyword to turn it off.
 * ``activations``: transformers' ``GELUActivation`` (erf), ``NewGELUActivation``,
   ``GELUTanh`` (= ``PytorchGELUTanh``), ``FastGELUActivation``, ``AccurateGELUActivation``
   (tanh form: the same function, rounded differently), ``ClippedGELUActivation``
-  (``clip(gelu(x))``), ``SiLUActivation``, and torch's ``nn.GELU`` and ``nn.SiLU``.
-  ``QuickGELUActivation`` (``x·σ(1.702x)``) is not GELU and fastattn has no kernel for it.
+  (``clip(gelu(x))``), ``SiLUActivation``, ``QuickGELUActivation`` (``x·σ(1.702x)`` =
+  ``silu(1.702x) / 1.702``: the sigmoid on ``fastattn.silu``, the two scalings in torch),
+  and torch's ``nn.GELU`` and ``nn.SiLU``. Any other activation module (a class of
+  transformers' or torch's activation files, or one named like an activation) is listed
+  as left, as is any ``*Norm*`` module whose forward is none of the forms above.
 * ``mlp``: a module whose forward is LlamaMLP's, ``down_proj(act_fn(gate_proj(x)) *
   up_proj(x))``, with a SiLU or GELU ``act_fn``, becomes ``down_proj(swiglu(gate_proj(x),
   up_proj(x)))`` (``geglu`` for GELU): the gate in one pass, forward and backward.

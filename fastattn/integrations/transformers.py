@@ -138,6 +138,35 @@ def _pattern(fn: Callable) -> _Pattern | None:
     return None
 
 
+def _causal_of(fn: Callable) -> bool | None:
+    """``_pattern(fn).causal`` for a pattern without packed sequences; None if unserved."""
+    pattern = _pattern(fn)
+    return None if pattern is None or pattern.packed is not None else pattern.causal
+
+
+# Under torch.compile a mask function made inside the compiled region has a closure that
+# dynamo does not let code read (``fn.__closure__`` raises there). Its closure is read
+# once, at trace time, on the real function dynamo rebuilds from it, and the answer is a
+# constant of the graph. That rebuild needs every captured value to be a constant: true
+# unless the pattern holds a tensor, i.e. packed sequences (transformers packs only
+# without an attention mask, and then drops the is_causal skip) or a mask overlay
+# (``use_vmap``).
+_causal_traced = torch._dynamo.assume_constant_result(_causal_of)
+
+
+def _compiled_pattern(fn: Callable, attention_mask, kwargs) -> _Pattern | None:
+    """``_pattern`` while dynamo traces: a pattern that may capture a tensor is not read
+    (None: the 4-D mask, and the attention on SDPA)."""
+    if fn is causal_mask_function or fn is bidirectional_mask_function:
+        return _pattern(fn)
+    may_capture_tensor = kwargs.get("use_vmap", False) or (
+        attention_mask is None and not kwargs.get("allow_is_causal_skip", True))
+    if may_capture_tensor:
+        return None
+    causal = _causal_traced(fn)
+    return None if causal is None else _Pattern(causal=causal)
+
+
 def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                   kv_offset: int = 0, mask_function: Callable = causal_mask_function,
                   attention_mask: torch.Tensor | None = None, **kwargs
@@ -149,7 +178,8 @@ def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     is absolute position ``kv_offset + j``, query i is ``q_offset + i`` (a tensor for
     static caches). A pattern ``_pattern`` does not recognise gets transformers' 4-D
     ``sdpa_mask``, which the attention function hands to SDPA."""
-    pattern = _pattern(mask_function)
+    pattern = (_compiled_pattern(mask_function, attention_mask, kwargs)
+               if torch.compiler.is_compiling() else _pattern(mask_function))
     if pattern is None or (pattern.packed is not None and attention_mask is not None):
         kwargs["allow_is_causal_skip"] = False       # None means something else to fastattn
         kwargs["allow_is_bidirectional_skip"] = False
@@ -166,6 +196,14 @@ def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         if width == kv_length:
             return None
         return torch.ones(batch_size, width, dtype=torch.bool, device=kwargs.get("device"))
+    if pattern.causal and kv_offset > 0 and attention_mask.shape[1] == width < \
+            int(q_offset + q_length):
+        # This very function's mask for this call, handed back: for a static cache
+        # generate builds the masks before the forward, and a model whose config has no
+        # layer_types builds its mask again from the 2-D one it got. A padding mask
+        # covers every token seen (q_offset + q_length); this one covers only the
+        # sliding cache's slots, which start at kv_offset, so it is read as it is.
+        return attention_mask.bool()
     # sdpa_mask reads column kv_offset + j for key j, padding a short mask with zeros
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     mask = mask[:, kv_offset:kv_offset + width].bool()
@@ -275,7 +313,9 @@ def _route(query, key, value, attention_mask, causal: bool,
         return _sdpa_or_eager(kwargs), "a position bias (e.g. T5's relative attention bias)"
     if attention_mask is not None and attention_mask.dim() != 2:
         return _sdpa_or_eager(kwargs), (f"a {attention_mask.dim()}-D attention mask (a custom "
-                                        "one, or a mask pattern fastattn does not serve)")
+                                        "one, a mask pattern fastattn does not serve, or, "
+                                        "under torch.compile, one it cannot read: packed "
+                                        "sequences or no mask without a cache)")
     if attention_mask is not None:
         _check_mask(attention_mask, query, key, causal)
     if query.dtype not in DTYPES:
@@ -312,11 +352,13 @@ def _dense_mask(query, key, attention_mask, causal: bool, sliding_window: int | 
         ids = F.pad(attention_mask, (0, tk - attention_mask.shape[1]))
         function, padding = and_masks(function, packed_sequence_mask_function(ids)), ids != 0
     width = tk if attention_mask is None else attention_mask.shape[1]
+    # sdpa_mask's skip looks at the padding, not at the static-cache slots past it
+    skip = skip and width == tk
     return sdpa_mask(batch_size=b, q_length=tq, kv_length=tk,
                      q_offset=max(width - tq, 0) if causal else 0, mask_function=function,
                      attention_mask=padding, local_size=sliding_window,
                      allow_is_causal_skip=skip and causal,
-                     allow_is_bidirectional_skip=not causal, device=query.device)
+                     allow_is_bidirectional_skip=skip and not causal, device=query.device)
 
 
 def _eager_attention(module: torch.nn.Module, reason: str):
@@ -330,18 +372,32 @@ def _eager_attention(module: torch.nn.Module, reason: str):
                               "use attn_implementation='eager'")
 
 
+def _warn_at_trace_time(reason: str, to: str) -> bool:
+    warn_fallback(WHERE, reason, to=to)
+    return True
+
+
+# dynamo cannot trace the warning: it is given once, while tracing, per process
+_warn_traced = torch._dynamo.assume_constant_result(_warn_at_trace_time)
+
+
+def _warn(reason: str, module: torch.nn.Module, to: str) -> None:
+    if torch.compiler.is_compiling():
+        _warn_traced(reason, to)
+    else:
+        warn_fallback(WHERE, reason, key=getattr(module, "config", module), to=to)
+
+
 def _fall_back(path, reason, module, query, key, value, attention_mask, dropout, scaling,
                causal, kwargs):
     window = kwargs.get("sliding_window")
     if path == "sdpa":
-        warn_fallback(WHERE, reason, key=getattr(module, "config", module),
-                      to="transformers' sdpa_attention_forward")
+        _warn(reason, module, "transformers' sdpa_attention_forward")
         mask = _dense_mask(query, key, attention_mask, causal, window, skip=True)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
                                       scaling=scaling, is_causal=causal, **kwargs)
     eager = _eager_attention(module, reason)
-    warn_fallback(WHERE, reason, key=getattr(module, "config", module),
-                  to=f"the eager attention of {type(module).__name__}")
+    _warn(reason, module, f"the eager attention of {type(module).__name__}")
     mask = _dense_mask(query, key, attention_mask, causal, window, skip=False)
     if mask is not None and mask.dtype == torch.bool:          # eager adds its mask
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device
