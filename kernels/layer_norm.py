@@ -32,7 +32,15 @@ Layout of the work:
   the centred sum of squares) on the registers, so there is no cancellation.
 * Wider rows loop over BLOCK_N-wide chunks. The forward merges per-chunk (mean, M2)
   pairs with Chan et al.'s parallel-variance formula (one read for the statistics, a
-  second to normalise); the backward reads each row twice (the two row sums, then dx).
+  second to normalise). The backward makes two passes over its program's rows. Pass 1,
+  row by row, sums c1 = mean(g) and c2 = mean(g ⊙ x̂) over the row's chunks into a
+  (2, M) fp32 scratch. Pass 2 turns the loops around: column chunks outside, the
+  program's rows inside, so a chunk's dw/db sums stay in registers and are written
+  once per program, and w is loaded once per chunk. Memory traffic per element for
+  fp16/bf16: dy and h read twice and dx written once, 10 bytes (fp32: 20; dh_out adds
+  one read), plus 16·P/M bytes of fp32 partial sums written and read back by the
+  reduction (P programs, M rows). Holding the row on chip would allow 6; a per-row
+  read-modify-write of the fp32 partials, which this replaces, cost 26.
 
 Limits: the last dim must be contiguous (unit stride; rows may have any stride);
 fp16, bf16 or fp32 input, weight/bias in the input dtype or fp32; all math in fp32.
@@ -174,7 +182,36 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _load_grad_tile(DY, H, W, stride_dym, stride_hm, rows64, cols, col_mask, mask, mean, rstd,
+def _row_block(rb, M, BLOCK_M: tl.constexpr):
+    """(rows as int64, row mask) of row block rb."""
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows.to(tl.int64), rows < M  # row · stride can pass 2**31
+
+
+@triton.jit
+def _load_stats(MEAN, RSTD, rows64, row_mask, BLOCK_M: tl.constexpr, RMS_NORM: tl.constexpr):
+    """(mean, rstd) of a block of rows; mean is 0 for RMSNorm."""
+    rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
+    if RMS_NORM:
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        mean = tl.load(MEAN + rows64, mask=row_mask, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
+def _load_w(W, cols, col_mask, HAS_WEIGHT: tl.constexpr):
+    """The weight chunk in fp32, loaded once and reused for every row of the program
+    (without weight, a placeholder that ``_load_grad_tile`` never reads)."""
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        w = 0.0
+    return w
+
+
+@triton.jit
+def _load_grad_tile(DY, H, w, stride_dym, stride_hm, rows64, cols, mask, mean, rstd,
                     HAS_WEIGHT: tl.constexpr):
     """fp32 tiles (dy, x̂, g = dy ⊙ w); x̂ is zero on masked lanes."""
     dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
@@ -182,7 +219,6 @@ def _load_grad_tile(DY, H, W, stride_dym, stride_hm, rows64, cols, col_mask, mas
     dy = dy.to(tl.float32)
     xhat = tl.where(mask, (h.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         g = dy * w[None, :]
     else:
         g = dy
@@ -202,46 +238,93 @@ def _store_dx(g, xhat, rstd, c1, c2, DH_OUT, DX, stride_dhm, stride_dxm, rows64,
 
 
 @triton.jit
+def _store_row_sums(DY, H, W, MEAN, RSTD, ROW_SUMS, stride_dym, stride_hm, pid, n_prog, M, N,
+                    HAS_WEIGHT: tl.constexpr, RMS_NORM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1 of the chunked backward: c1 = mean(g) and c2 = mean(g ⊙ x̂) of every row of
+    this program, over all of the row's chunks, into ROW_SUMS[0] and ROW_SUMS[1]."""
+    for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
+        rows64, row_mask = _row_block(rb, M, BLOCK_M)
+        mean, rstd = _load_stats(MEAN, RSTD, rows64, row_mask, BLOCK_M, RMS_NORM)
+        c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_mask = cols < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            w = _load_w(W, cols, col_mask, HAS_WEIGHT)  # from L2: the same chunk every row
+            dy, xhat, g = _load_grad_tile(DY, H, w, stride_dym, stride_hm, rows64, cols, mask,
+                                          mean, rstd, HAS_WEIGHT)
+            c2 += tl.sum(g * xhat, axis=1)
+            if not RMS_NORM:
+                c1 += tl.sum(g, axis=1)
+        if not RMS_NORM:
+            tl.store(ROW_SUMS + rows64, c1 / N, mask=row_mask)
+        tl.store(ROW_SUMS + M + rows64, c2 / N, mask=row_mask)
+
+
+@triton.jit
+def _row_means(g, xhat, ROW_SUMS, rows64, row_mask, M, N, RMS_NORM: tl.constexpr,
+               BLOCK_M: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """(c1, c2) = (mean(g), mean(g ⊙ x̂)) per row: from the tile when it holds the whole
+    row, else as pass 1 stored them. c1 is 0 for RMSNorm."""
+    if WHOLE_ROW:
+        c2 = tl.sum(g * xhat, axis=1) / N
+    else:
+        c2 = tl.load(ROW_SUMS + M + rows64, mask=row_mask, other=0.0)
+    if RMS_NORM:
+        c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    elif WHOLE_ROW:
+        c1 = tl.sum(g, axis=1) / N
+    else:
+        c1 = tl.load(ROW_SUMS + rows64, mask=row_mask, other=0.0)
+    return c1, c2
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
-    DY,       # (M, N) gradient of y
-    H,        # (M, N) the normalised input h (x, or x + residual)
-    W,        # (N,) weight (only read when HAS_WEIGHT)
-    MEAN,     # (M,) fp32 (not read for RMSNorm)
-    RSTD,     # (M,) fp32
-    DH_OUT,   # (M, N) gradient of the returned h (only read when HAS_DH_OUT)
-    DX,       # (M, N) gradient of x (and of the residual), H's dtype
-    DW_PART,  # (num_programs, N) fp32: row p holds program p's Σ dy ⊙ x̂
-    DB_PART,  # (num_programs, N) fp32: row p holds program p's Σ dy
+    DY,        # (M, N) gradient of y
+    H,         # (M, N) the normalised input h (x, or x + residual)
+    W,         # (N,) weight (only read when HAS_WEIGHT)
+    MEAN,      # (M,) fp32 (not read for RMSNorm)
+    RSTD,      # (M,) fp32
+    DH_OUT,    # (M, N) gradient of the returned h (only read when HAS_DH_OUT)
+    DX,        # (M, N) gradient of x (and of the residual), H's dtype
+    DW_PART,   # (num_programs, N) fp32: row p holds program p's Σ dy ⊙ x̂
+    DB_PART,   # (num_programs, N) fp32: row p holds program p's Σ dy
+    ROW_SUMS,  # (2, M) fp32 scratch, chunked path only: each row's mean(g), mean(g ⊙ x̂)
     stride_dym, stride_hm, stride_dhm, stride_dxm,
     M, N,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH_OUT: tl.constexpr,
     RMS_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WHOLE_ROW: tl.constexpr,  # BLOCK_N >= N: the row stays in registers
+    WHOLE_ROW: tl.constexpr,  # BLOCK_N >= N: one chunk, the row sums come from the tile
 ):
     # Program p handles row blocks p, p + P, p + 2P, ...: a fixed split, so the partial
     # sums (and their final reduction) are the same on every run.
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     part = pid.to(tl.int64) * N  # this program's row in DW_PART / DB_PART
-    if WHOLE_ROW:
-        cols = tl.arange(0, BLOCK_N)
+    if not WHOLE_ROW:
+        _store_row_sums(DY, H, W, MEAN, RSTD, ROW_SUMS, stride_dym, stride_hm, pid, n_prog,
+                        M, N, HAS_WEIGHT, RMS_NORM, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()  # make this program's row sums visible to all its threads
+    # Column chunks outside, this program's rows inside: the dw / db column sums of a
+    # chunk stay in registers and are written once, with no read-modify-write.
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
+        w = _load_w(W, cols, col_mask, HAS_WEIGHT)
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
         for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
-            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            rows64 = rows.to(tl.int64)
+            rows64, row_mask = _row_block(rb, M, BLOCK_M)
             mask = row_mask[:, None] & col_mask[None, :]
             mean, rstd = _load_stats(MEAN, RSTD, rows64, row_mask, BLOCK_M, RMS_NORM)
-            dy, xhat, g = _load_grad_tile(DY, H, W, stride_dym, stride_hm, rows64, cols,
-                                          col_mask, mask, mean, rstd, HAS_WEIGHT)
-            c2 = tl.sum(g * xhat, axis=1) / N
-            if RMS_NORM:
-                c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            else:
-                c1 = tl.sum(g, axis=1) / N
+            dy, xhat, g = _load_grad_tile(DY, H, w, stride_dym, stride_hm, rows64, cols, mask,
+                                          mean, rstd, HAS_WEIGHT)
+            c1, c2 = _row_means(g, xhat, ROW_SUMS, rows64, row_mask, M, N, RMS_NORM, BLOCK_M,
+                                WHOLE_ROW)
             _store_dx(g, xhat, rstd, c1, c2, DH_OUT, DX, stride_dhm, stride_dxm, rows64, cols,
                       mask, HAS_DH_OUT)
             dw += tl.sum(dy * xhat, axis=0)
@@ -250,63 +333,6 @@ def _layer_norm_bwd_kernel(
             tl.store(DW_PART + part + cols, dw, mask=col_mask)
         if HAS_BIAS:
             tl.store(DB_PART + part + cols, db, mask=col_mask)
-    else:
-        # The partial sums are too wide for registers: accumulate them in this program's
-        # own row of DW_PART / DB_PART (read-modify-write, nobody else touches it).
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if HAS_WEIGHT:
-                tl.store(DW_PART + part + cols, zero, mask=cols < N)
-            if HAS_BIAS:
-                tl.store(DB_PART + part + cols, zero, mask=cols < N)
-        tl.debug_barrier()  # make the zeros visible to every thread of the program
-        for rb in range(pid, tl.cdiv(M, BLOCK_M), n_prog):
-            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            rows64 = rows.to(tl.int64)
-            mean, rstd = _load_stats(MEAN, RSTD, rows64, row_mask, BLOCK_M, RMS_NORM)
-            # Pass 1: the row sums c1 = mean(g), c2 = mean(g ⊙ x̂).
-            c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                col_mask = cols < N
-                mask = row_mask[:, None] & col_mask[None, :]
-                dy, xhat, g = _load_grad_tile(DY, H, W, stride_dym, stride_hm, rows64, cols,
-                                              col_mask, mask, mean, rstd, HAS_WEIGHT)
-                c2 += tl.sum(g * xhat, axis=1)
-                if not RMS_NORM:
-                    c1 += tl.sum(g, axis=1)
-            c1 = c1 / N
-            c2 = c2 / N
-            # Pass 2: dx, and the column sums for dw / db.
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                col_mask = cols < N
-                mask = row_mask[:, None] & col_mask[None, :]
-                dy, xhat, g = _load_grad_tile(DY, H, W, stride_dym, stride_hm, rows64, cols,
-                                              col_mask, mask, mean, rstd, HAS_WEIGHT)
-                _store_dx(g, xhat, rstd, c1, c2, DH_OUT, DX, stride_dhm, stride_dxm, rows64,
-                          cols, mask, HAS_DH_OUT)
-                if HAS_WEIGHT:
-                    acc = tl.load(DW_PART + part + cols, mask=col_mask, other=0.0)
-                    tl.store(DW_PART + part + cols, acc + tl.sum(dy * xhat, axis=0), mask=col_mask)
-                if HAS_BIAS:
-                    acc = tl.load(DB_PART + part + cols, mask=col_mask, other=0.0)
-                    tl.store(DB_PART + part + cols, acc + tl.sum(dy, axis=0), mask=col_mask)
-            tl.debug_barrier()  # the next row block reads the partial sums written here
-
-
-@triton.jit
-def _load_stats(MEAN, RSTD, rows64, row_mask, BLOCK_M: tl.constexpr, RMS_NORM: tl.constexpr):
-    """(mean, rstd) of a block of rows; mean is 0 for RMSNorm."""
-    rstd = tl.load(RSTD + rows64, mask=row_mask, other=0.0)
-    if RMS_NORM:
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    else:
-        mean = tl.load(MEAN + rows64, mask=row_mask, other=0.0)
-    return mean, rstd
 
 
 # --------------------------------------------------------------------------- launchers
@@ -364,16 +390,19 @@ def layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Option
     n_prog = _num_programs_bwd(h.device, triton.cdiv(M, block_m))
     dw_part = _empty((n_prog, N), torch.float32, h.device) if weight is not None else None
     db_part = _empty((n_prog, N), torch.float32, h.device) if has_bias else None
+    whole_row = block_n >= N
+    row_sums = None if whole_row else _empty((2, M), torch.float32, h.device)
     if M > 0:
         launch(_layer_norm_bwd_kernel)[(n_prog,)](
             dy, h, h if weight is None else weight, rstd if mean is None else mean, rstd,
             dx if dresidual_out is None else dresidual_out, dx,
             dx if dw_part is None else dw_part, dx if db_part is None else db_part,
+            rstd if row_sums is None else row_sums,
             dy.stride(0), h.stride(0), _stride0(dresidual_out), dx.stride(0),
             M, N,
             HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
             HAS_DH_OUT=dresidual_out is not None, RMS_NORM=rms_norm,
-            BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=block_n >= N, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, WHOLE_ROW=whole_row, num_warps=num_warps)
     param_dtype = h.dtype if weight is None else weight.dtype
     dweight = None if weight is None else _reduce_partials(dw_part, M, weight.dtype)
     dbias = _reduce_partials(db_part, M, param_dtype) if has_bias else None

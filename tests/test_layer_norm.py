@@ -139,11 +139,12 @@ def test_forward_backward_against_float64(backend, case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("variant", ["residual", "rms_residual"])
+@pytest.mark.parametrize("width", [200, 8193])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_params_with_low_precision_input(backend, variant, dtype):
+def test_fp32_params_with_low_precision_input(backend, width, variant, dtype):
     """Mixed precision: fp32 master weights with fp16/bf16 activations; the parameter
-    gradients come back in fp32."""
-    x, w, b, r, rms = _inputs(17, 200, variant, dtype, param_dtype=torch.float32)
+    gradients come back in fp32. 8193 takes the chunked path."""
+    x, w, b, r, rms = _inputs(17, width, variant, dtype, param_dtype=torch.float32)
     _check_against_float64(backend, x, w, b, r, rms, dtype)
 
 
@@ -163,7 +164,8 @@ def test_large_and_tiny_magnitudes(backend, variant, dtype, scale, offset):
 def test_chunked_path(monkeypatch, width, variant):
     """The looped (chunked-row) kernels at widths where a cheap test reaches them: the
     single-block limit is lowered to 256, so 1000 and 4097 run 4 and 17 chunks, the last
-    one partly masked (Chan's variance merge and the dweight read-modify-write)."""
+    one partly masked (Chan's variance merge; the backward's row sums and per-chunk
+    dweight / dbias column sums over blocks of several rows)."""
     ok, why = backends.triton_status(torch.device(DEVICE))
     if not ok:
         pytest.skip(why)
@@ -275,14 +277,15 @@ def test_outputs_are_fully_written(monkeypatch, variant, width, max_block):
         assert not t.isnan().any()
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("rows, width", [(700, 96), (11, 8193)], ids=["N96", "N8193"])
+def test_backward_is_deterministic(rows, width):
     """dweight/dbias are summed through per-program partial buffers in a fixed order,
     never with atomics, so two backward passes must agree bit for bit (flash-attention's
     race test). Several programs each take several row blocks here."""
     ok, why = backends.triton_status(torch.device(DEVICE))
     if not ok:
         pytest.skip(why)
-    x, w, b, r, rms = _inputs(700, 96, "residual", torch.float32)
+    x, w, b, r, rms = _inputs(rows, width, "residual", torch.float32)
     first = _run("triton", x, w, b, r, rms)[2]
     second = _run("triton", x, w, b, r, rms)[2]
     for a, c in zip(first, second):
@@ -394,3 +397,25 @@ def test_compile_fullgraph():
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp)
     assert math.isfinite(out.sum().item())
+
+
+# ------------------------------------------------------------------ wide rows (N > 8192)
+
+WIDE_VARIANTS = ("affine", "no_affine", "weight_only", "residual", "rms", "rms_no_weight",
+                 "rms_residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", WIDE_VARIANTS)
+@pytest.mark.parametrize("width", [8193, 12289])
+def test_wide_rows_against_float64(monkeypatch, width, variant, dtype):
+    """The chunked backward at widths just past MAX_BLOCK_N (8192 + 1, 12288 + 1: a chunk
+    of one element, a half-masked one): row sums in pass 1, then dx and the dweight /
+    dbias column sums chunk by chunk. 11 rows make several programs take two row blocks
+    and leave the last block partly masked. Every buffer starts as NaN."""
+    ok, why = backends.triton_status(torch.device(DEVICE))
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setattr(_triton_kernels(), "_empty", _nan_empty)
+    x, w, b, r, rms = _inputs(11, width, variant, dtype)
+    _check_against_float64("triton", x, w, b, r, rms, dtype)
