@@ -13,9 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastattn import backends
 from fastattn._warnings import warn_fallback
 from fastattn.ops import registry
 from fastattn.ops.flash_attention import HEAD_DIMS, flash_attention, head_dim_supported
+from fastattn.ops import gelu as _gelu_ops
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.kvcache import attend_cache, flash_attn_with_kvcache
 from fastattn.ops.layer_norm import layer_norm, rms_norm
@@ -318,6 +320,8 @@ registry.replaces_module("gelu", nn.GELU, GELU)
 class LinearGELU(nn.Linear):
     """``gelu(x @ W.T + b)`` with ``nn.Linear``'s parameters; the bias add is fused into
     the GELU kernel (forward and backward), saving one pass over the (…, out) activation.
+    On the ``torch`` backend, which has no such kernel, the bias goes into the matmul
+    (``addmm``) instead, as eager PyTorch does.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -328,9 +332,10 @@ class LinearGELU(nn.Linear):
         self.approximate = approximate
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.bias is None or backends.resolve(
+                _gelu_ops.OP, input.device, _gelu_ops.BACKENDS) == "torch":
+            return gelu(F.linear(input, self.weight, self.bias), self.approximate)
         y = F.linear(input, self.weight)                             # (…, out), no bias yet
-        if self.bias is None:
-            return gelu(y, self.approximate)
         return bias_gelu(y, self.bias, self.approximate)
 
     def extra_repr(self) -> str:

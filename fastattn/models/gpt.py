@@ -68,7 +68,7 @@ class GPTConfig:
     approximate: str = "none"              # GELU: "none" (erf) or "tanh"
     checkpointing: bool = False            # recompute each block in backward
     eps: float = 1e-5                      # LayerNorm / RMSNorm
-    fused_loss: bool = True                # fast model: LM head + loss fused, in chunks
+    fused_loss: bool = True                # fast model: LM head + loss fused when V > C
     pos: str = "learned"                   # "learned" (GPT-2's wpe) or "rope" (rotary)
     rope_base: float = 10000.0             # rotary angles pos · base^(-2i/R)
     rope_dim: int | None = None            # R, rotated dims per head; None = head dim
@@ -248,14 +248,17 @@ class GPT(nn.Module):
         """idx: (B, T) int64 token ids, T <= block_size. Returns logits (B, T, V) and,
         with ``targets`` (B, T) (``-1`` = ignore), the mean cross-entropy in float32.
 
-        The fast model with ``config.fused_loss`` computes the loss with
-        ``linear_cross_entropy`` (the LM head and the loss in chunks of tokens, never the
-        (B·T, V) logits) and then returns ``None`` for the logits; the naive model keeps
+        With ``config.fused_loss`` and V > C the fast model computes the loss with
+        ``linear_cross_entropy`` (the LM head and the loss in chunks, never the (B·T, V)
+        logits) and returns ``None`` for the logits; at V <= C the logits are no bigger
+        than the hidden state, so the plain head (faster) serves. The naive model keeps
         the textbook ``lm_head`` + ``cross_entropy``."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         hidden = self._hidden(idx)                                   # (B, T, C)
-        if targets is not None and self.config.fused_loss and self.config.attention == "fast":
+        c = self.config
+        if targets is not None and c.fused_loss and c.attention == "fast" and \
+                c.vocab_size > c.n_embd:
             return None, linear_cross_entropy(hidden, self.lm_head.weight, targets,
                                               ignore_index=-1)
         logits = self.lm_head(hidden)                                # (B, T, V)
@@ -305,13 +308,11 @@ class GPT(nn.Module):
         row b's prompt is its last ``prompt_lengths[b]`` tokens. The pad positions stay
         in the cache but are never attended (``KVCache.start``), positions count from
         each row's first real token, and the repetition penalty ignores the pads, so
-        each row gets the tokens it would get alone. Needs ``use_cache`` and the fast
-        model.
+        each row gets the tokens it would get alone. Needs ``use_cache``, fast model.
 
-        ``compile``: the one-token decoding step through ``torch.compile`` with static
-        shapes, as one graph for the fast model (the caches written at a column tensor,
-        see ``KVCache.attend``), with CUDA graphs on CUDA (``"reduce-overhead"``), as
-        gpt-fast does. The first call compiles (seconds to a minute); same tokens.
+        ``compile``: the one-token step through ``torch.compile``, static shapes, one
+        graph for the fast model (caches written at a column tensor: ``KVCache.attend``),
+        CUDA graphs on CUDA (``"reduce-overhead"``), as gpt-fast does; same tokens.
 
         ``eos``: a row that emits it is finished, and is padded with ``eos`` while others
         go on; generation stops early when every row is finished.
@@ -339,8 +340,7 @@ class GPT(nn.Module):
         """Left-padding of each row, (B,) int64, from ``prompt_lengths``; None without."""
         if prompt_lengths is None:
             return None
-        lengths = torch.as_tensor(prompt_lengths, device=idx.device)
-        b, t0 = idx.shape
+        lengths, (b, t0) = torch.as_tensor(prompt_lengths, device=idx.device), idx.shape
         if lengths.shape != (b,) or lengths.is_floating_point():
             raise ValueError(f"prompt_lengths must be {b} integers (one per row of idx), got "
                              f"{prompt_lengths!r}")
