@@ -58,6 +58,23 @@ def test_fast_matches_naive_torch_backend(overrides):
         assert_same_function(fast, naive, idx, tol=2e-5)
 
 
+def test_loss_is_fused_only_when_the_vocabulary_is_wider_than_the_model():
+    """V > C: the fused head + loss (no logits formed); V <= C: the plain head, whose
+    logits are no bigger than the hidden state. Same loss and gradients as naive."""
+    for vocab, fused in ((64, False), (65, True)):
+        fast, naive = make_pair(vocab_size=vocab)                     # n_embd = 64
+        idx = torch.randint(0, vocab, (2, 19))
+        with fastattn.use_backend("torch"):
+            (logits_f, loss_f), (_, loss_n) = (m(idx, idx.roll(-1, dims=1))
+                                               for m in (fast, naive))
+        assert (logits_f is None) == fused
+        torch.testing.assert_close(loss_f, loss_n, atol=2e-5, rtol=2e-5)
+        loss_f.backward()
+        loss_n.backward()
+        torch.testing.assert_close(fast.lm_head.weight.grad, naive.lm_head.weight.grad,
+                                   atol=2e-5, rtol=2e-4)
+
+
 def test_fast_trains_under_bf16_autocast_like_naive():
     """Mixed precision as ``fastattn train`` runs it: the attention output is bf16 while
     the residual stream stays fp32, so the fused residual LayerNorm gets mixed dtypes."""
