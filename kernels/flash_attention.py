@@ -74,6 +74,17 @@ likewise for k, v). The same kernels serve it (constexpr VARLEN): a program read
 sequence's start and length from cu_seqlens, and the grid, sized from the longest
 sequence, has programs past their sequence's end return at once.
 
+Memory paths: on sm_90+ the tiles of Q, K, V, O (dO, dQ, dK, dV) move by TMA (the copy
+engine, ``cp.async.bulk.tensor``) through tensor descriptors that each program builds
+for its sequence's head (constexpr TMA; ``_rows``): out-of-bounds rows and head-dim
+padding load as zeros and are not stored, as the pointer path's masks do. The launchers
+take TMA per call when the device has it and every such tensor qualifies (fp16/bf16,
+unit stride along D, base and other strides multiples of 16 bytes: ``_tma_ok``), else
+masked pointer loads; L, Δ and the atomic path's fp32 dQ always use pointers.
+FASTATTN_TMA=0 turns TMA off. The forward's loops run warp-specialized (constexpr
+WARP_SPEC) where Triton applies it: sm_100+ (Triton 3.6-3.9 leave sm_90 loops as they
+are).
+
 Limits
 ------
 - Head dim D: any integer in [1, 256]; padded to BLOCK_D = max(16, next power of two)
@@ -101,6 +112,7 @@ numbers: as easy as 1, 2, 3" (2011) for Philox.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import NamedTuple
@@ -172,6 +184,44 @@ def _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
     if ALIBI:
         slope = tl.load(SLOPES + b * stride_ab + h * stride_ah) * 1.4426950408889634
     return slope
+
+
+@triton.jit
+def _rows(X, T, stride_m, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+          BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Where ``_load_tile`` and ``_store_tile`` find one sequence's head: with TMA its
+    tensor descriptor, (T, HEAD_DIM) rows of X with row stride ``stride_m`` and unit
+    column stride, moved in (BLOCK, BLOCK_D) tiles (the copy engine fills what lies past
+    T or HEAD_DIM with zeros on a load and drops it on a store); without, X itself."""
+    if TMA:
+        src = tl.make_tensor_descriptor(X, shape=[T, HEAD_DIM], strides=[stride_m, 1],
+                                        block_shape=[BLOCK, BLOCK_D])
+    else:
+        src = X
+    return src
+
+
+@triton.jit
+def _load_tile(X, row0, rows, offs_d, stride_m, stride_d, mask, TMA: tl.constexpr):
+    """The (BLOCK, BLOCK_D) tile of ``rows`` = row0 + arange(BLOCK) of ``_rows``' X: one
+    TMA copy, or masked pointer loads with zeros where ``mask`` is off."""
+    if TMA:
+        tile = X.load([row0, 0])
+    else:
+        tile = tl.load(X + rows[:, None] * stride_m + offs_d[None, :] * stride_d,
+                       mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(X, value, row0, rows, offs_d, stride_m, stride_d, mask,
+                TMA: tl.constexpr):
+    """Write ``value``, cast to X's dtype, to the tile ``_load_tile`` reads."""
+    if TMA:
+        X.store([row0, 0], value.to(X.dtype))
+    else:
+        tl.store(X + rows[:, None] * stride_m + offs_d[None, :] * stride_d,
+                 value.to(X.dtype.element_ty), mask=mask)
 
 
 # Block ranges. A program of the forward or dQ visits the key blocks starting in
@@ -291,43 +341,72 @@ def _dropout_keep(rows, cols, bh, seed, offset, dropout_p):
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this sequence's (Tk, D) rows
+def _attn_fwd_step(acc, l_i, m_i, q, K, V, start_n,
+                   stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_m, offs_n, offs_d, d_mask, Tk, off,
+                   qk_scale, softcap2, slope2, left, right,
+                   bh, seed, offset, dropout_p,
+                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                   IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr):
+    """Online-softmax update of (acc, l, m) with the key block starting at start_n."""
+    rows = offs_m[:, None]
+    cols = start_n + offs_n
+    if MASKED:
+        kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = _load_tile(K, start_n, cols, offs_d, stride_kn, stride_kd, kv_mask,
+                   TMA)                                              # (BLOCK_N, BLOCK_D)
+    s, _ = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
+                   qk_scale, softcap2, slope2, SOFTCAP, ALIBI)       # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        s = tl.where(_visible(rows, cols[None, :], off, left, right, Tk, HAS_LEFT,
+                              HAS_RIGHT), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key keeps m = -inf; exponentiate against 0 instead,
+    # so that exp2(-inf - -inf) = NaN never happens (its p and alpha are then 0).
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)                                     # rescales the old sums
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)                                 # before dropout
+    if DROPOUT:   # the 1 / (1 - p) is applied to O at the end
+        p = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
+                     p, 0.0)
+    v = _load_tile(V, start_n, cols, offs_d, stride_vn, stride_vd, kv_mask,
+                   TMA)                                              # (BLOCK_N, BLOCK_D)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, DOT_FP32)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this sequence's rows (see _rows)
                     stride_kn, stride_kd, stride_vn, stride_vd,
                     offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
                     qk_scale, softcap2, slope2, left, right,
                     bh, seed, offset, dropout_p,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    IEEE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, l, m) with the key blocks starting in [lo, hi)."""
-    rows = offs_m[:, None]
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
-        s, _ = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
-                       qk_scale, softcap2, slope2, SOFTCAP, ALIBI)   # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            s = tl.where(_visible(rows, cols[None, :], off, left, right, Tk, HAS_LEFT,
-                                  HAS_RIGHT), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key keeps m = -inf; exponentiate against 0 instead,
-        # so that exp2(-inf - -inf) = NaN never happens (its p and alpha are then 0).
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)                                 # rescales the old sums
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)                             # before dropout
-        if DROPOUT:   # the 1 / (1 - p) is applied to O at the end
-            p = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
-                         p, 0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, DOT_FP32)
-        m_i = m_new
+                    IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr,
+                    WARP_SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, l, m) with the key blocks starting in [lo, hi).
+    WARP_SPEC runs the loop warp-specialized (a producer warp issues the TMA copies,
+    the others compute); the plain loop is kept apart, as Triton versions before 3.4
+    have no ``warp_specialize``."""
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, K, V, start_n, stride_kn, stride_kd, stride_vn,
+                stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale, softcap2,
+                slope2, left, right, bh, seed, offset, dropout_p, MASKED, HAS_LEFT,
+                HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, K, V, start_n, stride_kn, stride_kd, stride_vn,
+                stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale, softcap2,
+                slope2, left, right, bh, seed, offset, dropout_p, MASKED, HAS_LEFT,
+                HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA)
     return acc, l_i, m_i
 
 
@@ -357,6 +436,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Query block i sees keys up to i + off + right: with a right bound (causal) the
@@ -373,10 +453,14 @@ def _attn_fwd_kernel(
     b = b.to(tl.int64)
     h = h.to(tl.int64)
     hk = h // GROUP
-    Q += b * stride_qb + h * stride_qh + q_start * stride_qm
-    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
-    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
-    O += b * stride_ob + h * stride_oh + q_start * stride_om
+    Q = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
+              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    O = _rows(O + b * stride_ob + h * stride_oh + q_start * stride_om, Tq, stride_om,
+              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
     slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
 
@@ -385,8 +469,8 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q_mask = (offs_m < Tq)[:, None] & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)                              # (BLOCK_M, BLOCK_D)
+    q = _load_tile(Q, m0, offs_m, offs_d, stride_qm, stride_qd, q_mask,
+                   TMA)                                              # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -404,21 +488,21 @@ def _attn_fwd_kernel(
                                         off, qk_scale, softcap2, slope2, left, right,
                                         bh, seed, offset, dropout_p,
                                         True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                        IEEE, DOT_FP32, BLOCK_N)
+                                        IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
                                     qk_scale, softcap2, slope2, left, right,
                                     bh, seed, offset, dropout_p,
                                     False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                    IEEE, DOT_FP32, BLOCK_N)
+                                    IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
                                     qk_scale, softcap2, slope2, left, right,
                                     bh, seed, offset, dropout_p,
                                     True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                    IEEE, DOT_FP32, BLOCK_N)
+                                    IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
 
     # l >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw
     # none get O = 0 and L = -inf.
@@ -429,8 +513,7 @@ def _attn_fwd_kernel(
         o *= 1.0 / (1.0 - dropout_p)                                 # kept P are scaled up
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453                  # log2 -> natural log
     lse = tl.where(seen, lse, float("-inf"))
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=q_mask)
+    _store_tile(O, o, m0, offs_m, offs_d, stride_om, stride_od, q_mask, TMA)
     tl.store(LSE + offs_m * stride_lm, lse, mask=offs_m < Tq)
 
 
@@ -481,7 +564,7 @@ def _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's head's rows
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's head's
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          stride_lm, stride_dem, stride_dqm, stride_dqd,
                          offs_n, offs_m, offs_d, d_mask, lo, hi, Tq, Tk, off,
@@ -491,7 +574,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's
                          HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                          DOT_FP32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
+                         TMA: tl.constexpr, BLOCK_M: tl.constexpr):
     """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi).
 
     Works on transposed scores (keys × queries) so that dV = (P∘z)ᵀ·dO and dK = dSᵀ·Q
@@ -505,10 +588,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's
         rows = start_m + offs_m
         row_ok = rows < Tq
         q_mask = row_ok[:, None] & d_mask[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=q_mask, other=0.0)                          # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=q_mask, other=0.0)                         # (BLOCK_M, BLOCK_D)
+        q = _load_tile(Q, start_m, rows, offs_d, stride_qm, stride_qd, q_mask,
+                       TMA)                                          # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DO, start_m, rows, offs_d, stride_dom, stride_dod, q_mask,
+                        TMA)                                         # (BLOCK_M, BLOCK_D)
         lse2 = _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI)
         delta = tl.load(DELTA + rows * stride_dem, mask=row_ok, other=0.0)
         s_t, t_t = _scores(_dot(k, tl.trans(q), IEEE, DOT_FP32), rows[None, :], cols, off,
@@ -571,7 +654,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Key j is seen by rows from j - off - right on: with a right bound (causal) the
@@ -587,10 +670,14 @@ def _attn_bwd_dkdv_kernel(
             return
     b = b.to(tl.int64)
     hk = hk.to(tl.int64)
-    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
-    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
-    DK += b * stride_dkb + hk * stride_dkh + k_start * stride_dkn
-    DV += b * stride_dvb + hk * stride_dvh + k_start * stride_dvn
+    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    DK = _rows(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dkn, Tk,
+               stride_dkn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    DV = _rows(DV + b * stride_dvb + hk * stride_dvh + k_start * stride_dvn, Tk,
+               stride_dvn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -599,10 +686,10 @@ def _attn_bwd_dkdv_kernel(
     # Key rows past Tk load zeros and are never stored; what they compute stays in
     # their own rows of dk and dv.
     kv_mask = (offs_n < Tk)[:, None] & d_mask[None, :]
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)                             # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)                             # (BLOCK_N, BLOCK_D)
+    k = _load_tile(K, n0, offs_n, offs_d, stride_kn, stride_kd, kv_mask,
+                   TMA)                                              # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V, n0, offs_n, offs_d, stride_vn, stride_vd, kv_mask,
+                   TMA)                                              # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -613,8 +700,10 @@ def _attn_bwd_dkdv_kernel(
     # (but for dQ with ATOMIC_DQ).
     for g in range(GROUP):
         h = hk * GROUP + g                                           # int64
-        Qh = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
-        DOh = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        Qh = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
+                   HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+        DOh = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq,
+                    stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
         LSEh = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
         DELTAh = DELTA + b * stride_deb + h * stride_deh + q_start * stride_dem
         DQh = DQ
@@ -632,7 +721,7 @@ def _attn_bwd_dkdv_kernel(
                                       left, right,
                                       bh, seed, offset, dropout_p,
                                       True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
+                                      IEEE, DOT_FP32, ATOMIC_DQ, TMA, BLOCK_M)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
                                       stride_qm, stride_qd, stride_dom, stride_dod,
                                       stride_lm, stride_dem, stride_dqm, stride_dqd,
@@ -641,7 +730,7 @@ def _attn_bwd_dkdv_kernel(
                                       left, right,
                                       bh, seed, offset, dropout_p,
                                       False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
+                                      IEEE, DOT_FP32, ATOMIC_DQ, TMA, BLOCK_M)
         if HAS_LEFT:   # rows past the key block's window: only a left bound makes them
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
                                           stride_qm, stride_qd, stride_dom, stride_dod,
@@ -650,26 +739,26 @@ def _attn_bwd_dkdv_kernel(
                                           Tq, Tk, off, sm_scale, qk_scale, softcap2,
                                           slope2, left, right, bh, seed, offset, dropout_p,
                                           True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                                          DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, BLOCK_M)
+                                          DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, TMA,
+                                          BLOCK_M)
 
     dk *= sm_scale
     if DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK, dk, n0, offs_n, offs_d, stride_dkn, stride_dkd, kv_mask, TMA)
+    _store_tile(DV, dv, n0, offs_n, offs_d, stride_dvn, stride_dvd, kv_mask, TMA)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's (Tk, D) rows
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's rows
                        stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
                        qk_scale, softcap2, slope2, left, right,
                        bh, seed, offset, dropout_p,
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                       IEEE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+                       IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """Add to dq the contributions of the key blocks starting in [lo, hi)."""
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
@@ -678,10 +767,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's (T
             kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
         else:
             kv_mask = d_mask[None, :]
-        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)                         # (BLOCK_N, BLOCK_D)
+        k = _load_tile(K, start_n, cols, offs_d, stride_kn, stride_kd, kv_mask,
+                       TMA)                                          # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, start_n, cols, offs_d, stride_vn, stride_vd, kv_mask,
+                       TMA)                                          # (BLOCK_N, BLOCK_D)
         s, t = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
                        qk_scale, softcap2, slope2, SOFTCAP, ALIBI)   # (BLOCK_M, BLOCK_N)
         log2_p = s - lse2[:, None]
@@ -728,6 +817,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Query block i sees keys up to i + off + right: with a right bound (causal) the
@@ -744,13 +834,18 @@ def _attn_bwd_dq_kernel(
     b = b.to(tl.int64)
     h = h.to(tl.int64)
     hk = h // GROUP
-    Q += b * stride_qb + h * stride_qh + q_start * stride_qm
-    K += b * stride_kb + hk * stride_kh + k_start * stride_kn
-    V += b * stride_vb + hk * stride_vh + k_start * stride_vn
-    DO += b * stride_dob + h * stride_doh + q_start * stride_dom
+    Q = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
+              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    DO = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq, stride_dom,
+               HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
     DELTA += b * stride_deb + h * stride_deh + q_start * stride_dem
-    DQ += b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+    DQ = _rows(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm, Tq, stride_dqm,
+               HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -759,10 +854,10 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     row_ok = offs_m < Tq
     q_mask = row_ok[:, None] & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)                              # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=q_mask, other=0.0)                             # (BLOCK_M, BLOCK_D)
+    q = _load_tile(Q, m0, offs_m, offs_d, stride_qm, stride_qd, q_mask,
+                   TMA)                                              # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO, m0, offs_m, offs_d, stride_dom, stride_dod, q_mask,
+                    TMA)                                             # (BLOCK_M, BLOCK_D)
     # Rows past Tq get dO = 0 and Δ = 0 (and L as _load_lse2 says), so their dS is 0.
     lse2 = _load_lse2(LSE, offs_m, stride_lm, row_ok, ALIBI)
     delta = tl.load(DELTA + offs_m * stride_dem, mask=row_ok, other=0.0)
@@ -780,24 +875,23 @@ def _attn_bwd_dq_kernel(
                                 qk_scale, softcap2, slope2, left, right,
                                 bh, seed, offset, dropout_p,
                                 True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                IEEE, DOT_FP32, BLOCK_N)
+                                IEEE, DOT_FP32, TMA, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
                             stride_kn, stride_kd, stride_vn, stride_vd,
                             offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
                             qk_scale, softcap2, slope2, left, right,
                             bh, seed, offset, dropout_p,
                             False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                            IEEE, DOT_FP32, BLOCK_N)
+                            IEEE, DOT_FP32, TMA, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
                             stride_kn, stride_kd, stride_vn, stride_vd,
                             offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
                             qk_scale, softcap2, slope2, left, right,
                             bh, seed, offset, dropout_p,
                             True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                            IEEE, DOT_FP32, BLOCK_N)
+                            IEEE, DOT_FP32, TMA, BLOCK_N)
     dq *= sm_scale
-    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ, dq, m0, offs_m, offs_d, stride_dqm, stride_dqd, q_mask, TMA)
 
 
 # ------------------------------------------------------------------------- autotune
@@ -807,7 +901,7 @@ def _attn_bwd_dq_kernel(
 # per row (a window) or the registers a tile needs (soft cap, ALiBi, dropout); the
 # window's width and VARLEN do not (the key stays a handful of bools and ints).
 _AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP",
-                 "ALIBI", "DROPOUT"]
+                 "ALIBI", "DROPOUT", "TMA"]
 
 
 def _configs(tiles):
@@ -826,10 +920,11 @@ def _configs(tiles):
 # - 16 bits: a warpgroup (4 warps) holding a 128 x 128 fp32 accumulator spills, so the
 #   forward's 128-row tiles at D = 128 take 8 warps. sm_90 runs a dot as wgmma when each
 #   warpgroup owns >= 64 of its rows: BLOCK_M in the forward and dQ, BLOCK_N in dK/dV.
-#   dK/dV at D = 256 is the exception: its two (BLOCK_N, 256) fp32 accumulators plus the
-#   K and V tiles spill with BLOCK_N = 64 however the warps split them (8 warps: 24 B
-#   and more; 16 warps cap a thread at 128 registers), so its first tile has
-#   BLOCK_N = 32 and runs mma.sync; the wgmma tiles after it may still win on an H100.
+#   dK/dV at D = 256 holds two (BLOCK_N, 256) fp32 accumulators plus the K and V tiles:
+#   with BLOCK_N = 64 (wgmma) only 16-row query blocks, 8 warps and 2 stages fit without
+#   spilling on sm_90 (TMA: 243 registers; 32 rows spill 56 B, one stage 176 B, 16
+#   warps cap a thread at 128 registers), and the old 32 x 32 mma.sync tile spills
+#   1344 B once its loads go through TMA.
 # - fp32: twice the bytes per tile and true-fp32 (ieee) dots, which run on FMA units,
 #   not tensor cores, and hold their operands in registers: 16- and 32-row tiles,
 #   2 stages.
@@ -847,7 +942,7 @@ _FWD_TILES = {
 _DKDV_TILES = {
     (16, 64): [(32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)],
     (16, 128): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
-    (16, 256): [(32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
+    (16, 256): [(16, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
     (32, 64): [(16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
     (32, 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 4, 2)],
     (32, 256): [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
@@ -1077,6 +1172,89 @@ def _variant(q: torch.Tensor, shape: _Shape, causal: bool, scale: float, window,
     return _Variant(cu_q, cu_k, alibi, slope_strides, scalars, flags)
 
 
+# Tensor descriptors (TMA) are built on the device, per program (``_rows``), not on the
+# host: their bounds are then the program's own sequence (varlen tails load zeros and
+# stores stop at the sequence's end, not at the packed tensor's), their tile shape is
+# the config's (the autotuner needs no pre-hook, which torch.compile's wrap_triton
+# refuses), and a call builds no Python descriptor objects. Triton asks its allocator
+# for the descriptors' global scratch at each launch (inductor sets one; see
+# ``_ensure_allocator``). Warp specialization (``tl.range(..., warp_specialize=True)``)
+# is applied by Triton 3.6-3.9 on sm_100+ only: on sm_90 the flag compiles to the same
+# PTX as the plain loop, so it is asked for from sm_100 on.
+_HAS_TMA = hasattr(tl, "make_tensor_descriptor")
+_HAS_WARP_SPEC = "warp_specialize" in inspect.signature(tl.range).parameters
+_TMA_ENABLED = os.environ.get("FASTATTN_TMA", "1") != "0"     # FASTATTN_TMA=0: pointers
+_DEVICE_PATHS: dict[tuple[str, int], tuple[bool, bool]] = {}
+
+
+def _device_paths(device: torch.device) -> tuple[bool, bool]:
+    """(TMA, warp specialization) the kernels may use on ``device``: TMA on CUDA
+    sm_90+ with a Triton that has tensor descriptors, warp specialization on sm_100+
+    with one that has ``warp_specialize``; neither elsewhere (the interpreter, older
+    GPUs) or with FASTATTN_TMA=0. Cached per device."""
+    if device.type != "cuda":
+        return False, False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    paths = _DEVICE_PATHS.get((device.type, index))
+    if paths is None:
+        major, _ = torch.cuda.get_device_capability(index)
+        paths = _DEVICE_PATHS[(device.type, index)] = arch_paths(major)
+    return paths
+
+
+def arch_paths(major: int) -> tuple[bool, bool]:
+    """(TMA, warp specialization) on a CUDA GPU of compute capability ``major``.x (see
+    ``_device_paths``; `fastattn check-kernels` compiles what each arch would get)."""
+    tma = major >= 9 and _HAS_TMA and _TMA_ENABLED
+    return tma, tma and major >= 10 and _HAS_WARP_SPEC
+
+
+def _tma_ok(varlen: bool, *tensors: torch.Tensor) -> bool:
+    """Whether TMA moves the tiles of these (B, H, T, D) (or varlen (total, H, D))
+    tensors: fp16/bf16, unit stride along D, and the base and every other stride a
+    multiple of 16 bytes (the copy engine's rule for global addresses and strides; the
+    sequence starts and heads the kernels add keep that alignment), rows apart
+    (stride > 0). Not fp32: its ieee dots run on FMA units from registers, and with
+    TMA tiles every sm_90 first config spills (0.3-4 kB per thread). Not bf16 under the
+    interpreter, whose bf16 descriptors load wrong values (Triton 3.6-3.9)."""
+    dtype = tensors[0].dtype
+    if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16):
+        return False
+    for x in tensors:
+        size = x.element_size()
+        stride_b, stride_h, stride_m, stride_d = _strides(x, varlen)
+        if (stride_d != 1 or stride_m <= 0 or x.data_ptr() % 16
+                or (stride_b * size) % 16 or (stride_h * size) % 16
+                or (stride_m * size) % 16):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the descriptors' scratch if it has none (by
+    default it has none: launching a TMA kernel would fail). A caller's own allocator,
+    and inductor's under torch.compile, are kept."""
+    if torch.compiler.is_compiling():
+        return
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _paths(device: torch.device, varlen: bool, *tensors: torch.Tensor) -> dict:
+    """The TMA and WARP_SPEC constexprs of one launch: TMA where the device has it and
+    every tensor qualifies (``_tma_ok``), else the pointer path."""
+    tma, warp_spec = _device_paths(device)
+    tma = tma and _tma_ok(varlen, *tensors)
+    if tma and device.type == "cuda":
+        _ensure_allocator()
+    return {"TMA": tma, "WARP_SPEC": tma and warp_spec}
+
+
 def _flat_grid(T: int, block: str, heads: int):
     """Grid of ``_program_ids``: cdiv(T, meta[block]) blocks for each of ``heads``
     (batch × heads) on axis 0."""
@@ -1113,13 +1291,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = _empty((shape.H, q.shape[0]) if shape.varlen else q.shape[:3], torch.float32,
                  q.device)
     vl = shape.varlen
+    flags = {**var.flags, **_paths(q.device, vl, q, k, v, o)}
     grid = _flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)
-    launch(_attn_fwd(q.dtype, shape.D, var.flags))[grid](
+    launch(_attn_fwd(q.dtype, shape.D, flags))[grid](
         q, k, v, o, lse, var.cu_q, var.cu_k, var.slopes,
         *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(o, vl),
         *_row_strides(lse, vl), *var.slope_strides,
         shape.H, shape.H // shape.Hkv, shape.Tq, shape.Tk, *var.scalars,
-        next_pow2(shape.Tq), next_pow2(shape.Tk), **var.flags)
+        next_pow2(shape.Tq), next_pow2(shape.Tk), **flags)
     return o, lse
 
 
@@ -1171,7 +1350,10 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scalars = (shape.Tq, shape.Tk, scale, *var.scalars, next_pow2(shape.Tq),
                next_pow2(shape.Tk))
     group = shape.H // shape.Hkv
-    dkdv_flags = {**var.flags, "ATOMIC_DQ": not deterministic}
+    # dQ of the atomic path is an fp32 buffer added to with pointer atomics.
+    tma = _paths(q.device, vl, q, k, v, do, dk, dv, *((dq,) if deterministic else ()))
+    flags = {**var.flags, "TMA": tma["TMA"]}
+    dkdv_flags = {**flags, "ATOMIC_DQ": not deterministic}
     launch(_attn_bwd_dkdv(q.dtype, shape.D, dkdv_flags))[
         _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
         *operands, dk, dv, None if deterministic else dq, *pointers, *strides,
@@ -1181,7 +1363,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     grid = _flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)
-    launch(_attn_bwd_dq(q.dtype, shape.D, var.flags))[grid](
+    launch(_attn_bwd_dq(q.dtype, shape.D, flags))[grid](
         *operands, dq, *pointers, *strides, *_strides(dq, vl),
-        shape.H, group, *scalars, **var.flags)
+        shape.H, group, *scalars, **flags)
     return dq, dk, dv

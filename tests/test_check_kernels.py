@@ -4,7 +4,8 @@ The kernels are compiled ahead of time (``triton.compile`` for a ``GPUTarget``, 
 from the Triton wheel) from the launchers' real argument lists, and each launch shape
 must have a config that fits shared memory, its first config (the one
 ``FASTATTN_AUTOTUNE=0`` launches) must fit, and that config must not spill registers on
-sm_90 in fp16/bf16.
+sm_90 in fp16/bf16, where the attention matmul kernels' first configs must also run
+wgmma and move their tiles through TMA.
 
 Budget: a compile takes 0.3-10 s (fp32 tiles are the slow ones); every config of every
 shape is 446 compiles (10 minutes). The session compiles
@@ -108,22 +109,23 @@ def test_every_autotune_config_is_compiled(all_rows):
             assert len(rows) > 1, f"{shape}: only one config compiled"
 
 
-def test_first_configs_use_wgmma_on_sm90_in_16_bit(first_rows):
+def test_first_configs_use_wgmma_and_tma_on_sm90(first_rows):
     """The attention dots of the 16-bit first configs run as wgmma on sm_90 (64 rows
     per warpgroup) and mma.sync on sm_80; fp32 runs true-fp32 (ieee) dots, on FMA units.
-    dK/dV at D = 256 keeps 32-row tiles on purpose: with 64 it spills (see the tile
-    tables in kernels/flash_attention.py)."""
-    matmul_rows = [r for r in first_rows if r["op"] == "flash_attention"
-                   and r["kernel"] != "_attn_bwd_delta_kernel"]
-    for r in matmul_rows:
-        if r["dtype"] == "float32":
+    On sm_90 every 16-bit matmul kernel moves its tiles through TMA (the launchers'
+    choice for aligned inputs there); fp32 does not (it would spill), nor does sm_80 or
+    the Δ kernel."""
+    attention = [r for r in first_rows if r["op"] == "flash_attention"]
+    assert {r["kernel"] for r in attention} == {*ck.HOPPER_KERNELS, "_attn_bwd_delta_kernel"}
+    for r in attention:
+        matmul = r["kernel"] in ck.HOPPER_KERNELS
+        if r["dtype"] == "float32" or not matmul:
             expected = "none"
-        elif r["arch"] == 90 and (r["kernel"], r["size"]) != ("_attn_bwd_dkdv_kernel",
-                                                               "D=256"):
-            expected = "wgmma"
         else:
-            expected = "mma.sync"
+            expected = "wgmma" if r["arch"] == 90 else "mma.sync"
         assert r["mma"] == expected, r
+        assert r["tma"] == (expected == "wgmma"), r
+    assert not ck.slow_defaults(first_rows), "\n".join(ck.slow_defaults(first_rows))
 
 
 def test_results_are_cached(cache, first_rows):
@@ -138,7 +140,8 @@ def test_results_are_cached(cache, first_rows):
 def row(**changes) -> dict:
     base = {"kernel": "_k", "dtype": "bfloat16", "size": "D=128", "causal": True,
             "config": "M64 N64 w4 s2", "default": True, "arch": 90, "smem": 1000,
-            "smem_limit": 2000, "fits": True, "regs": 128, "spill": 0}
+            "smem_limit": 2000, "fits": True, "regs": 128, "spill": 0, "mma": "wgmma",
+            "tma": True}
     return {**base, **changes}
 
 
@@ -155,6 +158,21 @@ def test_problems_name_each_failing_rule():
     # Spills are reported only for the sm_90 16-bit first configs.
     assert ck.spilling_defaults([row(spill=16, arch=80), row(spill=16, dtype="float32"),
                                  row(spill=16, default=False)]) == []
+    # wgmma and TMA: required of the attention matmul kernels' sm_90 16-bit first
+    # configs at D = 64/128/256 only.
+    fwd = {"kernel": "_attn_fwd_kernel"}
+    assert ck.slow_defaults([row(**fwd, mma="mma.sync"), row(**fwd, tma=False),
+                             row(**fwd, mma="mma.sync", tma=False, size="D=256")]) == [
+        "_attn_fwd_kernel bfloat16 D=128 on sm_90: first config M64 N64 w4 s2 runs "
+        "mma.sync",
+        "_attn_fwd_kernel bfloat16 D=128 on sm_90: first config M64 N64 w4 s2 runs wgmma, "
+        "no TMA",
+        "_attn_fwd_kernel bfloat16 D=256 on sm_90: first config M64 N64 w4 s2 runs "
+        "mma.sync, no TMA"]
+    assert ck.problems([row(**fwd, tma=False)]) == ck.slow_defaults([row(**fwd, tma=False)])
+    assert ck.slow_defaults([{**row(**fwd, mma="mma.sync", tma=False), **other} for other in (
+        {"arch": 80}, {"dtype": "float32"}, {"default": False}, {"size": "D=80"},
+        {"kernel": "_attn_bwd_delta_kernel"}, {"error": "boom"})]) == []
 
 
 def test_cli_prints_table_and_json(first_rows, cache, capsys):

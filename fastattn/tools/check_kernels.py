@@ -4,38 +4,31 @@
     fastattn check-kernels --op flash_attention --dtype bfloat16 --head-dim 128 --arch 90
     fastattn check-kernels --configs first --json # the FASTATTN_AUTOTUNE=0 configs only
 
-How a kernel is compiled
-------------------------
-Each op's launchers (``OpSpec.launch_kernels``, forward and backward) run on empty CPU
-tensors while ``launch`` is intercepted: every kernel launch is recorded as (kernel,
-arguments, keywords) instead of run. Each recording goes to the kernel's own ``warmup``,
-which specialises the arguments exactly as a launch does and compiles
-(``triton.compile`` with a ``GPUTarget``) for the architecture a stub driver reports
-(``_TargetDriver``); nothing touches a device. An autotuned kernel is compiled with each
-of its configs; the first, marked ``*``, is the one ``FASTATTN_AUTOTUNE=0`` launches.
+How: each op's launchers (``OpSpec.launch_kernels``) run on empty CPU tensors once per
+arch, ``launch`` intercepted (the attention launchers take TMA where that GPU would,
+``arch_paths``: the sm_90 rows are an aligned launch's TMA kernels). Each recorded
+launch goes to the kernel's ``warmup``, which specialises the arguments as a launch does
+and compiles for the arch a stub driver reports (``_TargetDriver``), on no device. An
+autotuned kernel is compiled with each config; the first, marked ``*``, is the one
+``FASTATTN_AUTOTUNE=0`` launches.
 
-What is reported, per kernel, dtype, size, config and architecture
-------------------------------------------------------------------
-* shared memory: Triton's dynamic allocation plus the cubin's static shared memory,
-  against the most one block may opt in to (``SMEM_LIMIT``). A kernel over it fails to
-  launch with OutOfResources; the autotuner skips such configs, the
-  ``FASTATTN_AUTOTUNE=0`` path cannot.
-* registers and spill bytes per thread: ``cuobjdump -res-usage`` on the cubin (REG and
-  STACK; Triton kernels keep no local arrays, so their stack frame is spilled registers).
-* matmul instructions (``wgmma`` on sm_90 needs 64-row tiles per warpgroup; otherwise
-  ``mma.sync``; fp32 with ``input_precision="ieee"`` has none: FMA) and TMA loads
-  (``cp.async.bulk.tensor``), found in the PTX.
+Reported per kernel, dtype, size, config and arch: shared memory (Triton's dynamic plus
+the cubin's static) against the most one block may opt in to (``SMEM_LIMIT``); registers
+and spill bytes per thread (``cuobjdump -res-usage`` REG and STACK: Triton kernels keep
+no local arrays); matmul instructions (``wgmma`` on sm_90 needs 64-row tiles per
+warpgroup, else ``mma.sync``; fp32 ``ieee`` dots run on FMA units: none) and TMA copies
+(``cp.async.bulk.tensor``), from the PTX.
 
-Problems (the exit status is 1 when there is one): a launch shape with no config that
-fits shared memory, a first config that does not fit, a first config that spills on
-sm_90 in fp16/bf16, and a kernel that does not compile.
+Problems (exit status 1): a launch shape with no config that fits shared memory, a first
+config that does not fit (a launch would fail) or spills on sm_90 in fp16/bf16, an sm_90
+fp16/bf16 first config of the attention matmul kernels at D = 64/128/256 without wgmma
+or TMA, a kernel that does not compile.
 
-The compiling happens in parallel worker processes started without
-``TRITON_INTERPRET`` (fixed when Triton is imported; the tests set it) and
-``FASTATTN_AUTOTUNE`` (it would hide all but the first config). Results are cached on
-disk, keyed by the Triton version, the kernel's source hash (``JITFunction.cache_key``,
-which covers the jit functions it calls), the arguments' specialisation, the config
-and the architecture.
+Workers compile in parallel, without ``TRITON_INTERPRET`` (fixed at Triton's import; the
+tests set it) and ``FASTATTN_AUTOTUNE`` (it hides all but the first config). Results are
+cached on disk, keyed by the Triton version, the kernel's source hash
+(``JITFunction.cache_key``, covering the jit functions it calls), the arguments'
+specialisation, the config and the arch.
 """
 from __future__ import annotations
 
@@ -64,6 +57,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = registry.get("flash_attention").launch_sizes
 WIDTHS = registry.ROWWISE_LAUNCH_SIZES
 NO_SPILL_ARCH, NO_SPILL_DTYPES = 90, ("float16", "bfloat16")
+HOPPER_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+HOPPER_SIZES = ("D=64", "D=128", "D=256")
 
 
 @dataclass(frozen=True)
@@ -83,9 +78,7 @@ class Case:
         import torch
 
         spec = registry.get(self.op)
-        options = dict(spec.options)
-        if "causal" in options:
-            options["causal"] = self.causal
+        options = {k: self.causal if k == "causal" else v for k, v in spec.options.items()}
         spec.launch_kernels(self.size, getattr(torch, self.dtype), **options)
 
 
@@ -126,10 +119,6 @@ def check(todo: Sequence[Case], archs: Sequence[int], all_configs: bool = True,
     return sorted(rows, key=lambda row: row["job"])
 
 
-def _shape(row: dict) -> tuple:
-    return (row["kernel"], row["dtype"], row["size"], row["causal"], row["arch"])
-
-
 def _where(row: dict) -> str:
     return f"{row['kernel']} {row['dtype']} {row['size']} on sm_{row['arch']}"
 
@@ -138,7 +127,8 @@ def unfit_shapes(rows: Sequence[dict]) -> list[str]:
     """Launch shapes for which no compiled config fits shared memory."""
     fitting: dict[tuple, bool] = {}
     for row in rows:
-        fitting[_shape(row)] = fitting.get(_shape(row), False) or row.get("fits", False)
+        shape = (row["kernel"], row["dtype"], row["size"], row["causal"], row["arch"])
+        fitting[shape] = fitting.get(shape, False) or row.get("fits", False)
     return [f"{kernel} {dtype} {size} on sm_{arch}: no config fits shared memory"
             for (kernel, dtype, size, _, arch), ok in fitting.items() if not ok]
 
@@ -157,6 +147,15 @@ def spilling_defaults(rows: Sequence[dict]) -> list[str]:
             and r["dtype"] in NO_SPILL_DTYPES and r.get("spill")]
 
 
+def slow_defaults(rows: Sequence[dict]) -> list[str]:
+    """sm_90 fp16/bf16 first configs of HOPPER_KERNELS at HOPPER_SIZES lacking wgmma/TMA."""
+    return [f"{_where(r)}: first config {r['config']} runs {r['mma']}"
+            f"{'' if r['tma'] else ', no TMA'}" for r in rows
+            if r["default"] and r["arch"] == NO_SPILL_ARCH and "error" not in r
+            and r["dtype"] in NO_SPILL_DTYPES and r["kernel"] in HOPPER_KERNELS
+            and r["size"] in HOPPER_SIZES and (r["mma"] != "wgmma" or not r["tma"])]
+
+
 def compile_errors(rows: Sequence[dict]) -> list[str]:
     return [f"{_where(r)}, config {r['config']}: {r['error']}"
             for r in rows if "error" in r]
@@ -165,7 +164,7 @@ def compile_errors(rows: Sequence[dict]) -> list[str]:
 def problems(rows: Sequence[dict]) -> list[str]:
     """Everything that fails the check, one line each."""
     return [*compile_errors(rows), *unfit_shapes(rows), *unfit_defaults(rows),
-            *spilling_defaults(rows)]
+            *spilling_defaults(rows), *slow_defaults(rows)]
 
 
 _HEADER = ["kernel", "dtype", "size", "config", "arch", "smem B", "limit B", "regs", "spill",
@@ -193,11 +192,10 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 class _TargetDriver:
-    """Stands in for Triton's CUDA driver while compiling. Triton's JIT asks the active
-    driver for the target to compile for, and for a device and stream to key its caches
-    on; a warmup launches nothing, so that is all it needs. The device is the arch, so
-    each architecture gets its own JIT cache. (Triton 3.2's ``triton.autotune`` also
-    asks it for a benchmarker when the kernels are imported; nothing is benchmarked.)"""
+    """Stands in for Triton's CUDA driver while compiling: a warmup asks it only for the
+    target and a device and stream to key the JIT caches on (the device is the arch, so
+    each arch gets its own cache). Triton 3.2's ``triton.autotune`` also asks it for a
+    benchmarker when the kernels are imported; nothing is benchmarked."""
 
     def __init__(self, arch: int) -> None:
         self.arch = arch
@@ -229,8 +227,9 @@ class _Job:
     arch: int
 
 
-def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
-    """(kernel, args, kwargs) of every launch the op's launchers make for ``case``."""
+def _launches(case: Case, arch: int) -> list[tuple[Any, tuple, dict]]:
+    """(kernel, args, kwargs) of every launch the op's launchers make for ``case``, with
+    the memory paths (``_device_paths``) of an sm_``arch`` GPU."""
     import importlib
     import pkgutil
 
@@ -240,14 +239,18 @@ def _launches(case: Case) -> list[tuple[Any, tuple, dict]]:
     recorded: list[tuple[Any, tuple, dict]] = []
     modules = [importlib.import_module(f"{kernels.__name__}.{m.name}")
                for m in pkgutil.iter_modules(kernels.__path__)]
-    patched = [m for m in modules if getattr(m, "launch", None) is _utils.launch]
-    for module in patched:
-        module.launch = lambda kernel: _Recorder(kernel, recorded)
+    patches = [(m, "launch", lambda kernel: _Recorder(kernel, recorded))
+               for m in modules if getattr(m, "launch", None) is _utils.launch]
+    patches += [(m, "_device_paths", lambda device, m=m: m.arch_paths(arch // 10))
+                for m in modules if hasattr(m, "arch_paths")]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         case.launch()
     finally:
-        for module in patched:
-            module.launch = _utils.launch
+        for module, name, value in saved:
+            setattr(module, name, value)
     return recorded
 
 
@@ -268,7 +271,9 @@ def _jobs(spec: dict) -> Iterator[_Job]:
     index = 0
     for case in (Case(**c) for c in spec["cases"]):
         seen = set()
-        for kernel, args, kwargs in _launches(case):
+        # The same kernels in the same order on every arch; their constexprs may differ.
+        by_arch = {arch: _launches(case, arch) for arch in spec["archs"]}
+        for n, (kernel, _, kwargs) in enumerate(by_arch[spec["archs"][0]]):
             launch = (id(kernel), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
             if launch in seen:      # made before in this case: the same binary (e.g. Δ)
                 continue
@@ -280,8 +285,9 @@ def _jobs(spec: dict) -> Iterator[_Job]:
                 kernel = kernel.fn
             for i, config in enumerate(configs if spec["all_configs"] else configs[:1]):
                 for arch in spec["archs"]:
-                    yield _Job(index, case, kernel, args, {**kwargs, **config}, i == 0,
-                               arch)
+                    _, args, arch_kwargs = by_arch[arch][n]
+                    yield _Job(index, case, kernel, args, {**arch_kwargs, **config},
+                               i == 0, arch)
                     index += 1
 
 
@@ -329,17 +335,13 @@ def _compile(job: _Job) -> dict:
             "mma": "+".join(mma) or "none", "tma": "cp.async.bulk.tensor" in ptx}
 
 
-def _cuobjdump() -> str | None:
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
+    """(registers per thread, spill bytes per thread, static shared memory bytes), from
+    ``cuobjdump -res-usage`` (the Triton wheel's, else PATH's); (None, None, 0) without."""
     import triton.backends.nvidia as nvidia
 
     shipped = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
-    return str(shipped) if shipped.exists() else shutil.which("cuobjdump")
-
-
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
-    """(registers per thread, spill bytes per thread, static shared memory bytes), from
-    ``cuobjdump -res-usage``; (None, None, 0) without cuobjdump."""
-    tool = _cuobjdump()
+    tool = str(shipped) if shipped.exists() else shutil.which("cuobjdump")
     if tool is None:
         return None, None, 0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -381,8 +383,7 @@ def _measure(job: _Job, cache_dir: Path | None) -> dict:
 
 def _claim(claims: str, index: int) -> bool:
     """True for the one worker that creates the job's claim file first. Workers walk the
-    same job list and each takes the next unclaimed job, so a slow compile (fp32 tiles
-    take ten times longer) holds up only its own worker."""
+    same job list, each taking the next unclaimed job: a slow compile holds up only one."""
     try:
         os.close(os.open(os.path.join(claims, f"job{index}"), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
@@ -440,9 +441,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Compile every Triton kernel with every autotune config for the given "
                     "GPU architectures, from the launchers' real argument lists, and report "
                     "shared memory against the limit, registers, spills, wgmma/mma.sync "
-                    "and TMA. Exit status 1 when a launch shape has no config that fits, "
-                    "a first (FASTATTN_AUTOTUNE=0) config does not fit, or spills on sm_90 "
-                    "in fp16/bf16.")
+                    "and TMA. Exit status 1 on a problem: no config fits, a first "
+                    "(FASTATTN_AUTOTUNE=0) config does not fit, or on sm_90 in fp16/bf16 "
+                    "spills or (attention, D 64/128/256) lacks wgmma or TMA.")
     p.add_argument("--arch", type=_subset(SMEM_LIMIT, int), default=[80, 90], metavar="80,90",
                    help=f"compute capabilities, of {', '.join(map(str, SMEM_LIMIT))} "
                         "(default 80,90)")
@@ -453,8 +454,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-dim", type=positive_ints, default=list(HEAD_DIMS), metavar="D",
                    help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
     p.add_argument("--width", type=positive_ints, default=list(WIDTHS), metavar="N",
-                   help="LayerNorm/GELU row widths (default "
-                        f"{','.join(map(str, WIDTHS))})")
+                   help=f"LayerNorm/GELU row widths (default {','.join(map(str, WIDTHS))})")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="attention launches causal (default) or not")
     p.add_argument("--configs", choices=["all", "first"], default="all",
