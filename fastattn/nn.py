@@ -45,9 +45,9 @@ class KVCache:
         if start is not None and tuple(start.shape) != (batch,):
             raise ValueError(f"start must have shape ({batch},), got {tuple(start.shape)}")
         self.start = None if start is None else start.to(device=device, dtype=torch.int32)
-        # The next free position as a (1,) int64 tensor, set by the caller of a compiled
-        # decoding step (``GPT.generate(compile=True)``): see ``attend``.
+        # Set by ``place`` before a compiled decoding step: see ``attend``.
         self.column: Tensor | None = None
+        self.span = max_len
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v: (B, Hkv, T, D) for the new positions. Returns (B, Hkv, length, D) views."""
@@ -67,13 +67,25 @@ class KVCache:
         positions, or, with ``start``, ``flash_attn_with_kvcache`` with
         ``cache_leftpad=start``, which attends only positions ``start[b]..``.
 
-        Under ``torch.compile`` with ``column`` set, the step keeps static shapes and
-        stays one graph: k, v are written at ``column`` and fastattn's cache kernel
-        attends the whole buffers up to there (``length`` is then the caller's to
-        advance). Otherwise the cache runs eagerly, between the compiled parts."""
+        Under ``torch.compile`` after ``place``, the step keeps static shapes and stays
+        one graph: k, v are written at the ``column`` tensor and fastattn's cache kernel
+        attends the first ``span`` positions of the buffers, masked to the filled ones.
+        Otherwise the cache runs eagerly, between the compiled parts."""
         if self.column is not None and torch.compiler.is_compiling():
             return self._attend_at_column(q, k, v)
         return self._attend_eager(q, k, v, attend)
+
+    @staticmethod
+    def place(caches: list[KVCache], length: int) -> None:
+        """Before a compiled decoding step on ``caches`` filled to ``length``: the step
+        writes at column ``length`` (a tensor, so moving on recompiles nothing) and
+        attends a span of positions, a power of two above ``length`` (at least 64, at
+        most ``max_len``), so the step recompiles only when the span doubles. Advances
+        ``length`` (the compiled step cannot)."""
+        column = torch.tensor([length], device=caches[0].k.device)
+        span = min(caches[0].max_len, max(64, 1 << length.bit_length()))
+        for cache in caches:
+            cache.column, cache.span, cache.length = column, span, length + 1
 
     def _attend_at_column(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         t = k.shape[2]
@@ -81,8 +93,8 @@ class KVCache:
         self.k.index_copy_(2, columns, k)
         self.v.index_copy_(2, columns, v)
         end = (self.column + t).to(torch.int32).expand(q.shape[0])
-        out = attend_cache(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
-                           end, self.start)
+        keys, values = (x[:, :, :self.span].transpose(1, 2) for x in (self.k, self.v))
+        out = attend_cache(q.transpose(1, 2), keys, values, end, self.start)
         return out.transpose(1, 2)                                   # (B, H, T, D)
 
     @torch.compiler.disable

@@ -105,3 +105,19 @@ def test_compiled_decode_step_gives_the_same_tokens():
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert counters["stats"]["unique_graphs"] == 1
         assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_recompiles_only_when_its_span_doubles():
+    """The compiled step attends a power-of-two span of the cache (64, 128, ...): one
+    graph per span, none per step, and the tokens stay the eager ones across the jump."""
+    from torch._dynamo.utils import counters
+    model = _model(block_size=160, n_layer=1)
+    idx = torch.tensor(_prompts([60], seed=6))
+    want = model.generate(idx, 12, temperature=0)           # lengths 60 .. 71: 64 -> 128
+    torch._dynamo.reset()
+    counters.clear()
+    got = model.generate(idx, 12, temperature=0, compile=True)
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]

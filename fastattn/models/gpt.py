@@ -398,13 +398,10 @@ class GPT(nn.Module):
                 # The last token as its own (B, 1) tensor, not a view of the growing
                 # ``out``, whose strides would change every step (and recompile).
                 length = caches[0].length
-                column = torch.tensor([length], device=out.device) if static else None
-                for cache in caches:
-                    cache.column = column
+                if static:
+                    fnn.KVCache.place(caches, length)
                 logits = step(out[:, -1:].clone(memory_format=torch.contiguous_format),
                               _positions(length, 1, pad, out.device), caches)  # (B, V)
-                for cache in caches if static else ():   # the compiled step wrote there
-                    cache.length = length + 1
             seen = out if pads is None or repetition_penalty == 1.0 else _real(out, pads)
             nxt = next_token(logits, seen, temperature, top_k, top_p,
                              repetition_penalty, gen)                 # (B,)

@@ -63,7 +63,7 @@ from fastattn.tools.common import default_device, dtype_of, positive_int, positi
 VARIANTS = ("naive", "fast")
 LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 CPU_DEFAULTS = dict(seq_lens=[256, 512, 1024], n_layer=4, n_embd=256, n_head=4, batch=2,
-                    vocab_size=256, steps=5)
+                    vocab_size=256, steps=20)
 CUDA_DEFAULTS = dict(seq_lens=[1024, 2048, 4096], n_layer=12, n_embd=768, n_head=12, batch=4,
                      vocab_size=50304, steps=20)
 # --quick: a smoke test of the whole path (both variants, the checks, the file), not a
@@ -188,8 +188,9 @@ def run_gpt_bench(seq_lens: list[int] | None = None, steps: int | None = None,
     """Measure naive and fast GPT training at each length; one dict per (T, variant).
 
     Defaults: CPU — 4 layers, width 256, 4 heads, batch 2, vocab 256, fp32,
-    T = 256, 512, 1024, 5 timed steps per variant; CUDA — GPT-2 small (12 layers, 768,
-    12 heads), batch 4, vocab 50304, bf16 autocast, T = 1024, 2048, 4096.
+    T = 256, 512, 1024, 20 timed steps per variant (interleaved: the median of 5 moved
+    by ±2% between runs); CUDA — GPT-2 small (12 layers, 768, 12 heads), batch 4,
+    vocab 50304, bf16 autocast, T = 1024, 2048, 4096.
 
     CPU with ``isolate`` (default on Linux): the timing runs in one child process with
     ``HEAP_RETENTION_ENV``, the variants' steps interleaved (``time_interleaved``), and
