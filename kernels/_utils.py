@@ -6,14 +6,24 @@ from torch.library import wrap_triton
 from ._env import INTERPRET  # noqa: F401  (the launchers import it from here)
 
 
+def tracing() -> bool:
+    """Whether a launch is being traced: by torch.compile, or under a dispatch mode
+    (fake and functional tensors: opcheck, AOT tracing, inductor's lowering of the
+    ``triton_op``s)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def launch(kernel):
-    """Wrap a kernel so ``torch.compile`` can trace its launch (``wrap_triton``).
+    """The kernel, wrapped (``wrap_triton``) when its launch is being traced, so that
+    ``torch.compile`` sees it. A plain eager launch takes the kernel itself: through
+    ``wrap_triton`` it would cost about 1 ms of host time (torch's own figure for its
+    higher-order op's eager dispatch), which ``triton_op`` itself avoids in eager mode.
 
     Under the interpreter a ``@triton.jit`` function is an ``InterpretedFunction``,
     which ``wrap_triton`` does not accept; the ops layer registers opaque custom ops
     in that mode, so the plain kernel is launched instead.
     """
-    return kernel if INTERPRET else wrap_triton(kernel)
+    return kernel if INTERPRET or not tracing() else wrap_triton(kernel)
 
 
 def next_pow2(n: int) -> int:

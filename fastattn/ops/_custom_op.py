@@ -22,11 +22,6 @@ import torch
 
 from fastattn.kernels._env import INTERPRET
 
-try:    # thread-local switch of wrap_triton: launch through the HOP, or directly
-    from torch._library.triton import wrap_triton_enabled as _WRAP_TRITON
-except ImportError:          # a torch without it: launches always go through wrap_triton
-    _WRAP_TRITON = None
-
 
 # Bound once: plain_eager runs on every call, and each attribute lookup costs.
 _compiling = torch.compiler.is_compiling
@@ -75,20 +70,10 @@ class KernelOp:
     def __call__(self, *args):
         if not plain_eager():
             return self.op(*args)
-        # Plain tensors: the kernels launch directly rather than through wrap_triton's
-        # higher-order op (~1 ms of host time a launch), as triton_op does in eager mode.
-        flag = _WRAP_TRITON
-        previous = getattr(flag, "value", True)
-        if flag is not None:
-            flag.value = False
-        try:
-            # Without grad mode no graph is recorded: the autograd.Function adds only cost.
-            if self._function is None or not torch.is_grad_enabled():
-                return self.impl(*args)
-            return self._function.apply(*args)
-        finally:
-            if flag is not None:
-                flag.value = previous
+        # Without grad mode no graph is recorded, so the autograd.Function adds only cost.
+        if self._function is None or not torch.is_grad_enabled():
+            return self.impl(*args)
+        return self._function.apply(*args)
 
 
 def kernel_op(name: str, *, mutates_args=()) -> Callable[[Callable], KernelOp]:

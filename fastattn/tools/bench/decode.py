@@ -81,7 +81,7 @@ def run_decode(device: str = "cpu", quick: bool = False, compile: bool = True,
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     presets = ["tiny"] if quick else PRESETS[device]
-    new_tokens, rounds = (8, 2) if quick else (NEW_TOKENS, 5)
+    new_tokens, rounds = (8, 2) if quick else (NEW_TOKENS, 10)
     rows = [row for preset in presets for context in ("short", "long")
             for row in measure_case(preset, context, torch.device(device), new_tokens,
                                     rounds, compile)]
