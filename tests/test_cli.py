@@ -227,7 +227,11 @@ def test_gpt_bench_compares_variants_and_saves(gpt_bench):
     assert set(rows) == {(t, v) for t in (32, 64) for v in ("naive", "fast")}
     for (t, variant), r in rows.items():
         assert r["status"] == "ok" and r["n_head"] == 2 and r["batch"] == 1
-        assert r["tokens_per_s"] > 0 and r["extra_mem_mib"] >= 0 and 0 < r["mfu"] < 1
+        assert r["tokens_per_s"] > 0 and r["extra_mem_mib"] >= 0
+        # MFU against the peak measured in the same run (under load from other
+        # processes the peak can come out low, and a tiny model's MFU above 1)
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_token"] * r["tokens_per_s"] / (doc["peak"]["tflops"] * 1e12))
         # same weights, the same first loss (checked by the benchmark before it reports)
         assert r["first_loss"] == pytest.approx(rows[t, "naive"]["first_loss"], rel=1e-4)
     for t in (32, 64):
