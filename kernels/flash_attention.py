@@ -910,13 +910,13 @@ def _configs(tiles):
             for m, n, w, s in tiles]
 
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, keyed by (operand bits,
-# head-dim band); the band is the head dim rounded up to a power of two (64 also serves
-# D < 64). The first tile of each list is the one FASTATTN_AUTOTUNE=0
-# launches: it fits the shared memory of sm_80 (166,912 B per block), sm_90 (232,448 B)
-# and sm_86/89 (101,376 B), and in 16 bits it does not spill registers on sm_90.
-# `fastattn check-kernels` compiles every tile (tests/test_check_kernels.py holds the
-# first ones to this); the autotuner skips a tile that does not fit its device.
+# First tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, keyed by
+# (operand bits, head-dim band); the band is the head dim rounded up to a power of two
+# (64 also serves D < 64). The first tile is the one FASTATTN_AUTOTUNE=0 launches and
+# the autotuner never prunes: it fits the shared memory of sm_80 (166,912 B per block),
+# sm_90 (232,448 B) and sm_86/89 (101,376 B), and in 16 bits it does not spill
+# registers on sm_90. `fastattn check-kernels` compiles every tile (tests/
+# test_check_kernels.py holds the first ones to this).
 # - 16 bits: a warpgroup (4 warps) holding a 128 x 128 fp32 accumulator spills, so the
 #   forward's 128-row tiles at D = 128 take 8 warps. sm_90 runs a dot as wgmma when each
 #   warpgroup owns >= 64 of its rows: BLOCK_M in the forward and dQ, BLOCK_N in dK/dV.
@@ -928,33 +928,51 @@ def _configs(tiles):
 # - fp32: twice the bytes per tile and true-fp32 (ieee) dots, which run on FMA units,
 #   not tensor cores, and hold their operands in registers: 16- and 32-row tiles,
 #   2 stages.
-_FWD_TILES = {
-    (16, 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
-               (64, 128, 4, 4)],
-    (16, 128): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 64, 4, 3),
-                (128, 128, 8, 2)],
-    (16, 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2),
-                (128, 32, 8, 2)],
-    (32, 64): [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 4, 2)],
-    (32, 128): [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
-    (32, 256): [(16, 32, 4, 2), (32, 16, 4, 2)],
+_FWD_FIRST = {
+    (16, 64): (128, 64, 8, 3), (16, 128): (128, 64, 8, 3), (16, 256): (64, 32, 8, 2),
+    (32, 64): (32, 32, 4, 2), (32, 128): (32, 16, 4, 2), (32, 256): (16, 32, 4, 2),
 }
-_DKDV_TILES = {
-    (16, 64): [(32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)],
-    (16, 128): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2)],
-    (16, 256): [(16, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
-    (32, 64): [(16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
-    (32, 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 4, 2)],
-    (32, 256): [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+_DKDV_FIRST = {
+    (16, 64): (32, 128, 8, 2), (16, 128): (64, 64, 8, 2), (16, 256): (16, 64, 8, 2),
+    (32, 64): (16, 32, 4, 2), (32, 128): (16, 16, 4, 2), (32, 256): (16, 32, 8, 2),
 }
-_DQ_TILES = {
-    (16, 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
-    (16, 128): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)],
-    (16, 256): [(64, 16, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 1)],
-    (32, 64): [(32, 32, 4, 2), (32, 64, 4, 2)],
-    (32, 128): [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
-    (32, 256): [(16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+_DQ_FIRST = {
+    (16, 64): (64, 64, 4, 2), (16, 128): (64, 64, 4, 2), (16, 256): (64, 16, 8, 2),
+    (32, 64): (32, 32, 4, 2), (32, 128): (32, 16, 4, 2), (32, 256): (16, 32, 4, 2),
 }
+
+
+def _space(blocks_m, blocks_n, warps, stages) -> list[tuple[int, int, int, int]]:
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the given values."""
+    return [(m, n, w, s) for m in blocks_m for n in blocks_n for w in warps for s in stages]
+
+
+# The autotuner's search after the first tile, the same for every head-dim band (what
+# cannot fit a device's shared memory or is larger than the problem is pruned before
+# benchmarking: ``_prune``). 16 bits: the Triton tutorial's space. The forward and dQ
+# own BLOCK_M query rows and stream BLOCK_N keys; dK/dV owns BLOCK_N keys (>= 64 for
+# wgmma) and streams BLOCK_M queries, carrying two (BLOCK_N, D) fp32 accumulators where
+# the others carry one, so its streamed block is a power of two smaller (16 rows are
+# also what its variant and D = 256 first tiles need). fp32: 16- and 32-row tiles (its
+# dots hold their operands in registers). The lists' earlier hand-picked tiles outside
+# these spaces all spilled (48-1344 B per thread, sm_80 or sm_90).
+_SPACE_16 = {"fwd": _space((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
+             "dkdv": _space((16, 32, 64), (64, 128), (4, 8), (2, 3, 4)),
+             "dq": _space((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))}
+_SPACE_32 = _space((16, 32), (16, 32), (4, 8), (2, 3))
+
+
+def _search(firsts: dict, kernel: str) -> dict:
+    """Tile lists per (operand bits, head-dim band): the first tile, then the kernel's
+    search space without it."""
+    return {key: [first, *(t for t in (_SPACE_16[kernel] if key[0] == 16 else _SPACE_32)
+                           if t != first)]
+            for key, first in firsts.items()}
+
+
+_FWD_TILES = _search(_FWD_FIRST, "fwd")
+_DKDV_TILES = _search(_DKDV_FIRST, "dkdv")
+_DQ_TILES = _search(_DQ_FIRST, "dq")
 
 # First tiles with a soft cap, ALiBi or dropout ("scored" in ``_tile_key``). Each score then
 # also carries the tanh (kept for the backward's derivative), the bias or the Philox
@@ -1029,24 +1047,121 @@ def _tile_key(dtype: torch.dtype, head_dim: int, flags: dict) -> tuple[int, int,
     return dtype.itemsize * 8, max(64, next_pow2(head_dim)), kind
 
 
-def _autotuned(kernel, tiles: dict, key: list = _AUTOTUNE_KEY, reset_to_zero=None):
+# Shared memory besides the tiles: cross-warp reductions, mbarriers, alignment (the
+# remainder was at most 2,048 B over the compiled kernels, sm_80 and sm_90).
+_SMEM_SLACK = 2048
+
+
+def _smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int,
+                   num_stages: int, elem: int, wgmma: bool, scored: bool = False,
+                   atomic: bool = False) -> int:
+    """Shared memory, in bytes, that a config of ``kernel`` ("fwd", "dkdv" or "dq")
+    needs; ``elem`` bytes per q/k/v element, M, N, D the tiles (BLOCK_D padded):
+
+        buffers · stage + resident + layout + 2048  (+ M·D·4 for the atomic dQ)
+
+    - stage, what the loop streams per iteration: the K and V blocks, 2·N·D·elem (fwd,
+      dq), or the Q and dO blocks and the rows of L and Δ, 2·M·D·elem + 2·M·4 (dkdv);
+    - buffers, the copies in flight: num_stages where the loop feeds wgmma (``wgmma``:
+      16 bits on sm_90+), else max(num_stages − 1, 1) (mma.sync, fp32's FMA dots);
+    - resident, the tiles loaded once that feed dots from shared memory: Q, M·D·elem
+      (fwd), Q and dO, 2·M·D·elem (dq), K and V, 2·N·D·elem (dkdv);
+    - layout, an (M, N) tile changing layout through shared memory: P or dS, M·N·elem,
+      without wgmma; with it none, but M·N bytes with a soft cap, ALiBi or dropout
+      (``scored``);
+    - 2048: ``_SMEM_SLACK``;
+    - M·D·4 (dkdv with ``atomic``, the ATOMIC_DQ pass): its fp32 dQ tile changing
+      layout for the atomic adds.
+
+    Against the compiled kernels (Triton 3.9, sm_80 and sm_90) it is exact or above
+    for every config, up to the whole layout (and M·D·4) term when no layout change
+    goes through shared memory. Too low would cost a compile that fails (the autotuner
+    skips it); too high, a config not tried."""
+    buffers = num_stages if wgmma else max(num_stages - 1, 1)
+    if kernel == "dkdv":
+        stage = 2 * block_m * block_d * elem + 2 * block_m * 4
+        resident = 2 * block_n * block_d * elem
+    else:
+        stage = 2 * block_n * block_d * elem
+        resident = (1 if kernel == "fwd" else 2) * block_m * block_d * elem
+    if wgmma:
+        layout = block_m * block_n if scored else 0
+    else:
+        layout = block_m * block_n * elem
+    dq_tile = block_m * block_d * 4 if atomic else 0
+    return buffers * stage + resident + layout + dq_tile + _SMEM_SLACK
+
+
+def _prune(configs: list, args: dict, kernel: str, smem_limit: int, hopper: bool) -> list:
+    """The configs worth benchmarking for one launch (``args``: the kernel's arguments
+    by name): the first always (the FASTATTN_AUTOTUNE=0 one, checked by `fastattn
+    check-kernels`), every other whose ``_smem_estimate`` fits ``smem_limit`` and
+    whose tiles are no larger than the problem, i.e. BLOCK_M at most TQ_KEY (the
+    query length's power of two) and BLOCK_N at most TK_KEY, or the smallest BLOCK_M
+    (BLOCK_N) offered when that is larger. Depends only on the configs and the key's
+    arguments, in order, so every launch with one autotune key gets the same list.
+    ``hopper``: the device is sm_90+ (16-bit loops then feed wgmma)."""
+    elem = args["Q"].element_size()
+    wgmma = hopper and elem == 2
+    scored = bool(args["SOFTCAP"] or args["ALIBI"] or args["DROPOUT"])
+    atomic = args.get("ATOMIC_DQ", False)
+    min_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    min_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    max_m, max_n = max(args["TQ_KEY"], min_m), max(args["TK_KEY"], min_n)
+
+    def keep(c) -> bool:
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        need = _smem_estimate(kernel, m, n, args["BLOCK_D"], c.num_stages, elem, wgmma,
+                              scored, atomic)
+        return m <= max_m and n <= max_n and need <= smem_limit
+
+    return [configs[0], *(c for c in configs[1:] if keep(c))]
+
+
+_DEVICE_SMEM: dict[int, tuple[int, bool]] = {}
+
+
+def _device_smem(device: torch.device) -> tuple[int, bool]:
+    """(shared memory one block may opt in to, in bytes; whether it is sm_90+) of a
+    CUDA device, cached per device."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    found = _DEVICE_SMEM.get(index)
+    if found is None:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        major, _ = torch.cuda.get_device_capability(index)
+        found = _DEVICE_SMEM[index] = (props["max_shared_mem"], major >= 9)
+    return found
+
+
+def _pruner(kernel: str):
+    """``early_config_prune`` of ``kernel``'s autotuner: ``_prune`` with the limit of
+    the device that q is on (the autotuner calls it on GPUs only)."""
+    def prune(configs, named_args, **kwargs):
+        smem_limit, hopper = _device_smem(named_args["Q"].device)
+        return _prune(configs, {**named_args, **kwargs}, kernel, smem_limit, hopper)
+    return prune
+
+
+def _autotuned(kernel, tiles: dict, name: str, key: list = _AUTOTUNE_KEY,
+               reset_to_zero=None):
     """Kernel to launch for (dtype, head dim, the variant's flags): autotuned over its
-    list in ``tiles`` (only the first tile under FASTATTN_AUTOTUNE=0); under the
-    interpreter the plain kernel, which the launchers give ``_INTERPRET_TILES``.
-    ``reset_to_zero``: outputs accumulated with atomics, zeroed before each benchmark
-    run and after the last."""
+    list in ``tiles``, pruned per launch by ``_pruner(name)`` (only the first tile under
+    FASTATTN_AUTOTUNE=0); under the interpreter the plain kernel, which the launchers
+    give ``_INTERPRET_TILES``. ``reset_to_zero``: outputs accumulated with atomics,
+    zeroed before each benchmark run and after the last."""
     if INTERPRET:
         return lambda dtype, head_dim, flags: kernel
     tuned = {k: triton.autotune(configs=_configs(t if _AUTOTUNE else t[:1]), key=key,
+                                prune_configs_by={"early_config_prune": _pruner(name)},
                                 reset_to_zero=reset_to_zero)(kernel)
              for k, t in tiles.items()}
     return lambda dtype, head_dim, flags: tuned[_tile_key(dtype, head_dim, flags)]
 
 
-_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_TILES)
-_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_TILES,
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_TILES, "fwd")
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_TILES, "dkdv",
                             [*_AUTOTUNE_KEY, "ATOMIC_DQ"], reset_to_zero=["DQ"])
-_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_TILES)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_TILES, "dq")
 _TILES = _INTERPRET_TILES if INTERPRET else {}
 
 
@@ -1353,7 +1468,10 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # dQ of the atomic path is an fp32 buffer added to with pointer atomics.
     tma = _paths(q.device, vl, q, k, v, do, dk, dv, *((dq,) if deterministic else ()))
     flags = {**var.flags, "TMA": tma["TMA"]}
-    dkdv_flags = {**flags, "ATOMIC_DQ": not deterministic}
+    # The atomic dK/dV at D > 128 spills on sm_90 through TMA in every tile tried
+    # (216-1432 B per thread): it keeps the pointer path, which compiles spill-free.
+    dkdv_flags = {**flags, "ATOMIC_DQ": not deterministic,
+                  "TMA": tma["TMA"] and (deterministic or shape.D <= 128)}
     launch(_attn_bwd_dkdv(q.dtype, shape.D, dkdv_flags))[
         _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
         *operands, dk, dv, None if deterministic else dq, *pointers, *strides,

@@ -7,15 +7,17 @@ must have a config that fits shared memory, its first config (the one
 sm_90 in fp16/bf16, where the attention matmul kernels' first configs must also run
 wgmma and move their tiles through TMA.
 
-Budget: a compile takes 0.3-10 s (fp32 tiles are the slow ones); every config of every
-shape is 446 compiles (10 minutes). The session compiles
+Budget: a compile takes 0.3-17 s (fp32 tiles are the slow ones). The session compiles
 
 * the first config of every kernel for fp16/bf16/fp32, head dims 16, 64, 80, 128 and
   256 and norm widths 768 and 12288 (a whole row in registers; a looped row), on sm_80
   and sm_90: 168 compiles. A fitting first config is a fitting config, so this also
   checks that each of these shapes has one;
-* every config of the attention kernels for bf16 and fp32 at D = 128 and D = 256 (the
-  widest tiles, both operand widths): 62 more;
+* the first SAMPLE configs of the attention kernels for bf16 and fp32 at D = 128 and
+  D = 256 (the widest tiles, both operand widths): the pinned first config and the
+  start of the search space (all of it, ~36 configs per kernel and about 950 compiles
+  here, is ``fastattn check-kernels``' job, not CI's; the autotuner prunes what cannot
+  fit before it benchmarks: ``tests/test_flash_attention_configs.py``);
 
 with one on-disk result cache for the session, so the second set and the reruns reuse
 the first's compiles. From a cold Triton cache that is about 5 CPU-minutes (2.5-4 minutes
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = [80, 90]
 FIRST = ck.cases(ck.OPS, ck.DTYPES, [16, 64, 80, 128, 256], [768, 12288])
 ALL = ck.cases(["flash_attention"], ["bfloat16", "float32"], [128, 256], [])
+SAMPLE = 4
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def first_rows(cache) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def all_rows(cache, first_rows) -> list[dict]:
-    return ck.check(ALL, ARCHS, all_configs=True, cache_dir=cache)
+    return ck.check(ALL, ARCHS, all_configs=SAMPLE, cache_dir=cache)
 
 
 def jit_kernels() -> set[str]:
@@ -96,7 +99,7 @@ def test_first_configs_do_not_spill_on_sm90_half(first_rows):
 
 
 def test_every_autotune_config_is_compiled(all_rows):
-    """Each autotuned kernel gets a row per config and arch, the first one marked."""
+    """Each autotuned kernel gets a row per sampled config and arch, the first marked."""
     assert not ck.compile_errors(all_rows), "\n".join(ck.compile_errors(all_rows))
     by_shape: dict[tuple, list[dict]] = {}
     for row in all_rows:

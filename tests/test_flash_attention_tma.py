@@ -262,3 +262,20 @@ def test_device_paths(monkeypatch, capability, has_tma, has_ws, enabled, expecte
     assert fa._device_paths(torch.device("cuda", 1)) == expected
     assert fa._device_paths(torch.device("cuda")) == expected      # current device: 1
     assert calls == [1]
+
+
+@pytest.mark.parametrize("d, dkdv_tma", [(128, True), (160, False)])
+def test_atomic_dkdv_keeps_pointers_above_d128(monkeypatch, launches, d, dkdv_tma):
+    """The atomic-dQ dK/dV spills through TMA at D > 128 on sm_90 (every tile tried):
+    it keeps the pointer path there; the forward and the deterministic backward keep
+    TMA."""
+    _device(monkeypatch, True)
+    q, k, v, do = _inputs(1, 2, 2, 17, 17, d, torch.float16)
+    o, lse = fa.attn_fwd(q, k, v, True, 0.25)
+    fa.attn_bwd(do, q, k, v, o, lse, True, 0.25, deterministic=False)
+    fa.attn_bwd(do, q, k, v, o, lse, True, 0.25)
+    tma = {}
+    for name, path, _ in launches:
+        tma.setdefault(name, []).append(path)
+    assert tma["_attn_fwd_kernel"] == [True] and tma["_attn_bwd_dq_kernel"] == [True]
+    assert tma["_attn_bwd_dkdv_kernel"] == [dkdv_tma, True]

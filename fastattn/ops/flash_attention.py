@@ -382,6 +382,7 @@ def _launch_kernels(head_dim: int, dtype: torch.dtype, causal: bool) -> None:
     k, v, do = (torch.empty_like(q) for _ in range(3))
     o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5)
     fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5)
+    fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5, deterministic=False)
     if head_dim == 128:
         # every variant at once, on packed sequences: the kernels' other constexpr paths
         q, k, v, do = (x[0].transpose(0, 1) for x in (q, k, v, do))   # (total, H, D)

@@ -15,20 +15,18 @@ autotuned kernel is compiled with each config; the first, marked ``*``, is the o
 Reported per kernel, dtype, size, config and arch: shared memory (Triton's dynamic plus
 the cubin's static) against the most one block may opt in to (``SMEM_LIMIT``); registers
 and spill bytes per thread (``cuobjdump -res-usage`` REG and STACK: Triton kernels keep
-no local arrays); matmul instructions (``wgmma`` on sm_90 needs 64-row tiles per
-warpgroup, else ``mma.sync``; fp32 ``ieee`` dots run on FMA units: none) and TMA copies
-(``cp.async.bulk.tensor``), from the PTX.
+no local arrays); matmuls (``wgmma`` on sm_90 needs 64-row tiles per warpgroup, else
+``mma.sync``; fp32 ``ieee`` dots: none) and TMA copies (``cp.async.bulk.tensor``): PTX.
 
 Problems (exit status 1): a launch shape with no config that fits shared memory, a first
 config that does not fit (a launch would fail) or spills on sm_90 in fp16/bf16, an sm_90
 fp16/bf16 first config of the attention matmul kernels at D = 64/128/256 without wgmma
-or TMA, a kernel that does not compile.
+or TMA (but for the atomic-dQ dK/dV), a kernel that does not compile.
 
 Workers compile in parallel, without ``TRITON_INTERPRET`` (fixed at Triton's import; the
 tests set it) and ``FASTATTN_AUTOTUNE`` (it hides all but the first config). Results are
-cached on disk, keyed by the Triton version, the kernel's source hash
-(``JITFunction.cache_key``, covering the jit functions it calls), the arguments'
-specialisation, the config and the arch.
+cached on disk, keyed by the Triton version, the kernel's source hash (``JITFunction.
+cache_key``, with the jit functions it calls), the arguments, the config and the arch.
 """
 from __future__ import annotations
 
@@ -93,11 +91,11 @@ def cases(ops: Sequence[str], dtypes: Sequence[str], head_dims: Sequence[int],
 # ----------------------------------------------------------------- the parent process
 
 
-def check(todo: Sequence[Case], archs: Sequence[int], all_configs: bool = True,
+def check(todo: Sequence[Case], archs: Sequence[int], all_configs: bool | int = True,
           jobs: int | None = None, cache_dir: Path | None = None) -> list[dict]:
-    """Compile every kernel launched for ``todo`` on each of ``archs``; one row per
-    (case, kernel, config, arch), in that order. ``all_configs=False`` compiles only the
-    first config of each autotuned kernel; ``cache_dir=None`` disables the cache."""
+    """Compile every kernel launched for ``todo`` on each of ``archs``: a row per (case,
+    kernel, config, arch), in order. ``all_configs`` False: each autotuned kernel's first
+    config only, an int n: its first n. ``cache_dir=None`` disables the cache."""
     jobs = jobs or len(os.sched_getaffinity(0))
     spec = {"cases": [asdict(c) for c in todo], "archs": list(archs),
             "all_configs": all_configs, "cache_dir": cache_dir and str(cache_dir)}
@@ -148,12 +146,14 @@ def spilling_defaults(rows: Sequence[dict]) -> list[str]:
 
 
 def slow_defaults(rows: Sequence[dict]) -> list[str]:
-    """sm_90 fp16/bf16 first configs of HOPPER_KERNELS at HOPPER_SIZES lacking wgmma/TMA."""
+    """sm_90 fp16/bf16 first configs of HOPPER_KERNELS at HOPPER_SIZES lacking wgmma/TMA
+    (the opt-in atomic-dQ backward is held to no spill only)."""
     return [f"{_where(r)}: first config {r['config']} runs {r['mma']}"
             f"{'' if r['tma'] else ', no TMA'}" for r in rows
             if r["default"] and r["arch"] == NO_SPILL_ARCH and "error" not in r
             and r["dtype"] in NO_SPILL_DTYPES and r["kernel"] in HOPPER_KERNELS
-            and r["size"] in HOPPER_SIZES and (r["mma"] != "wgmma" or not r["tma"])]
+            and r["size"] in HOPPER_SIZES and "ATOMIC_DQ=True" not in r["constexprs"]
+            and (r["mma"] != "wgmma" or not r["tma"])]
 
 
 def compile_errors(rows: Sequence[dict]) -> list[str]:
@@ -268,7 +268,7 @@ def _jobs(spec: dict) -> Iterator[_Job]:
     """Every (case, launch, config, arch), numbered the same way in every worker."""
     from triton.runtime.jit import JITFunction
 
-    index = 0
+    index, count = 0, spec["all_configs"]            # True, False (the first) or a count
     for case in (Case(**c) for c in spec["cases"]):
         seen = set()
         # The same kernels in the same order on every arch; their constexprs may differ.
@@ -283,7 +283,7 @@ def _jobs(spec: dict) -> Iterator[_Job]:
                        if hasattr(kernel, "configs") else [{}])
             while not isinstance(kernel, JITFunction):
                 kernel = kernel.fn
-            for i, config in enumerate(configs if spec["all_configs"] else configs[:1]):
+            for i, config in enumerate(configs[:None if count is True else max(1, int(count))]):
                 for arch in spec["archs"]:
                     _, args, arch_kwargs = by_arch[arch][n]
                     yield _Job(index, case, kernel, args, {**arch_kwargs, **config},
