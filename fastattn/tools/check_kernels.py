@@ -152,7 +152,7 @@ def slow_defaults(rows: Sequence[dict]) -> list[str]:
             f"{'' if r['tma'] else ', no TMA'}" for r in rows
             if r["default"] and r["arch"] == NO_SPILL_ARCH and "error" not in r
             and r["dtype"] in NO_SPILL_DTYPES and r["kernel"] in HOPPER_KERNELS
-            and r["size"] in HOPPER_SIZES and "ATOMIC_DQ=True" not in r["constexprs"]
+            and r["size"] in HOPPER_SIZES and "ATOMIC_DQ=True" not in r.get("constexprs", "")
             and (r["mma"] != "wgmma" or not r["tma"])]
 
 
