@@ -980,8 +980,9 @@ _DQ_TILES = _search(_DQ_FIRST, "dq")
 # thread in dK/dV and 152 B in dQ on sm_90, 16 to 544 B per kernel on sm_80. These
 # compile spill-free on sm_80 and sm_90 with every variant on (varlen, a causal
 # window, soft cap, ALiBi, dropout); the autotuner tries each before its plain list.
-# In 16 bits they keep >= 64-row wgmma tiles, except dQ at D = 256, whose 64-row tiles
-# spill 40 B and more on sm_90 and whose first tile (32 rows) runs mma.sync. In fp32 the
+# In 16 bits they keep >= 64-row wgmma tiles (dQ at D = 256: 64 x 16, 203 registers
+# through TMA), except dK/dV at D = 256, which spills through TMA in every tile tried
+# and so runs this 32 x 32 tile on the pointer path (mma.sync, no spill). In fp32 the
 # plain first tiles spill up to 9.5 kB on sm_90 at D = 256 (ptxas gives up at 32
 # registers); these (16 or 32 rows, 8 warps where 4 spill) do not.
 _FWD_VARIANT_FIRST = {
@@ -993,7 +994,7 @@ _DKDV_VARIANT_FIRST = {
     (32, 64): (16, 32, 8, 2), (32, 128): (16, 16, 4, 2), (32, 256): (16, 32, 8, 2),
 }
 _DQ_VARIANT_FIRST = {
-    (16, 64): (64, 32, 8, 2), (16, 128): (64, 32, 4, 2), (16, 256): (32, 16, 8, 2),
+    (16, 64): (64, 32, 8, 2), (16, 128): (64, 32, 4, 2), (16, 256): (64, 16, 8, 2),
     (32, 64): (32, 32, 4, 2), (32, 128): (16, 16, 4, 2), (32, 256): (16, 16, 4, 2),
 }
 # First dK/dV tiles of the atomic-dQ backward (deterministic=False), with or without the
@@ -1468,10 +1469,12 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # dQ of the atomic path is an fp32 buffer added to with pointer atomics.
     tma = _paths(q.device, vl, q, k, v, do, dk, dv, *((dq,) if deterministic else ()))
     flags = {**var.flags, "TMA": tma["TMA"]}
-    # The atomic dK/dV at D > 128 spills on sm_90 through TMA in every tile tried
-    # (216-1432 B per thread): it keeps the pointer path, which compiles spill-free.
+    # The atomic dK/dV, and the one with a soft cap, ALiBi or dropout, spill on sm_90
+    # through TMA at D > 128 in every tile tried (152-1432 B per thread): there they
+    # keep the pointer path, which compiles spill-free.
+    plain = deterministic and _tile_key(q.dtype, shape.D, var.flags)[2] == "plain"
     dkdv_flags = {**flags, "ATOMIC_DQ": not deterministic,
-                  "TMA": tma["TMA"] and (deterministic or shape.D <= 128)}
+                  "TMA": tma["TMA"] and (plain or shape.D <= 128)}
     launch(_attn_bwd_dkdv(q.dtype, shape.D, dkdv_flags))[
         _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
         *operands, dk, dv, None if deterministic else dq, *pointers, *strides,

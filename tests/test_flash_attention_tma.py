@@ -279,3 +279,16 @@ def test_atomic_dkdv_keeps_pointers_above_d128(monkeypatch, launches, d, dkdv_tm
         tma.setdefault(name, []).append(path)
     assert tma["_attn_fwd_kernel"] == [True] and tma["_attn_bwd_dq_kernel"] == [True]
     assert tma["_attn_bwd_dkdv_kernel"] == [dkdv_tma, True]
+
+
+@pytest.mark.parametrize("d, dkdv_tma", [(128, True), (160, False)])
+def test_scored_dkdv_keeps_pointers_above_d128(monkeypatch, launches, d, dkdv_tma):
+    """So does the deterministic dK/dV with a soft cap (or ALiBi, dropout) at D > 128;
+    its forward and dQ keep TMA."""
+    _device(monkeypatch, True)
+    q, k, v, do = _inputs(1, 2, 2, 17, 17, d, torch.float16)
+    o, lse = fa.attn_fwd(q, k, v, True, 0.25, softcap=5.0)
+    fa.attn_bwd(do, q, k, v, o, lse, True, 0.25, softcap=5.0)
+    assert [(name, tma) for name, tma, _ in launches] == [
+        ("_attn_fwd_kernel", True), ("_attn_bwd_dkdv_kernel", dkdv_tma),
+        ("_attn_bwd_dq_kernel", True)]

@@ -383,15 +383,14 @@ def _launch_kernels(head_dim: int, dtype: torch.dtype, causal: bool) -> None:
     o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5)
     fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5)
     fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5, deterministic=False)
-    if head_dim == 128:
-        # every variant at once, on packed sequences: the kernels' other constexpr paths
-        q, k, v, do = (x[0].transpose(0, 1) for x in (q, k, v, do))   # (total, H, D)
-        cu = torch.tensor([0, 1024], dtype=torch.int32)
-        variants = dict(window=(256, 0), softcap=30.0, alibi=torch.ones(1, 2),
-                        dropout_p=0.1, seed=1, offset=0, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                        max_seqlen_q=1024, max_seqlen_k=1024)
-        o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5, **variants)
-        fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5, **variants)
+    # every variant at once, on packed sequences: the kernels' other constexpr paths
+    q, k, v, do = (x[0].transpose(0, 1) for x in (q, k, v, do))       # (total, H, D)
+    cu = torch.tensor([0, 1024], dtype=torch.int32)
+    variants = dict(window=(256, 0), softcap=30.0, alibi=torch.ones(1, 2), dropout_p=0.1,
+                    seed=1, offset=0, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1024,
+                    max_seqlen_k=1024)
+    o, lse = fa.attn_fwd(q, k, v, causal, head_dim ** -0.5, **variants)
+    fa.attn_bwd(do, q, k, v, o, lse, causal, head_dim ** -0.5, **variants)
 
 
 registry.register(registry.OpSpec(

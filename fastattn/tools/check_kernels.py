@@ -21,7 +21,7 @@ no local arrays); matmuls (``wgmma`` on sm_90 needs 64-row tiles per warpgroup, 
 Problems (exit status 1): a launch shape with no config that fits shared memory, a first
 config that does not fit (a launch would fail) or spills on sm_90 in fp16/bf16, an sm_90
 fp16/bf16 first config of the attention matmul kernels at D = 64/128/256 without wgmma
-or TMA (but for the atomic-dQ dK/dV), a kernel that does not compile.
+or TMA (of the plain kernels), a kernel that does not compile.
 
 Workers compile in parallel, without ``TRITON_INTERPRET`` (fixed at Triton's import; the
 tests set it) and ``FASTATTN_AUTOTUNE`` (it hides all but the first config). Results are
@@ -56,7 +56,7 @@ HEAD_DIMS = registry.get("flash_attention").launch_sizes
 WIDTHS = registry.ROWWISE_LAUNCH_SIZES
 NO_SPILL_ARCH, NO_SPILL_DTYPES = 90, ("float16", "bfloat16")
 HOPPER_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-HOPPER_SIZES = ("D=64", "D=128", "D=256")
+HOPPER_SIZES, _VARIANT = ("D=64", "D=128", "D=256"), re.compile(r"(ATOMIC_DQ|SOFTCAP)=True")
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,12 @@ def spilling_defaults(rows: Sequence[dict]) -> list[str]:
 
 def slow_defaults(rows: Sequence[dict]) -> list[str]:
     """sm_90 fp16/bf16 first configs of HOPPER_KERNELS at HOPPER_SIZES lacking wgmma/TMA
-    (the opt-in atomic-dQ backward is held to no spill only)."""
+    (plain ones: the variants and the atomic-dQ backward are held to no spill only)."""
     return [f"{_where(r)}: first config {r['config']} runs {r['mma']}"
             f"{'' if r['tma'] else ', no TMA'}" for r in rows
             if r["default"] and r["arch"] == NO_SPILL_ARCH and "error" not in r
             and r["dtype"] in NO_SPILL_DTYPES and r["kernel"] in HOPPER_KERNELS
-            and r["size"] in HOPPER_SIZES and "ATOMIC_DQ=True" not in r.get("constexprs", "")
+            and r["size"] in HOPPER_SIZES and not _VARIANT.search(r.get("constexprs", ""))
             and (r["mma"] != "wgmma" or not r["tma"])]
 
 
