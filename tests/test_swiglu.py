@@ -8,6 +8,8 @@ against the float64 reference may be at most 2× that of eager torch at the same
 * fp16: 2e-3 and bf16: 1.6e-2, about two ulps (``tolerances.FLOOR``). The kernels round
   once, eager torch after each op, so fastattn's error is the smaller one.
 """
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,18 +201,47 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(x, y)
 
 
-def test_torch_backend_keeps_act_only_when_a_gradient_needs_it():
-    """The torch backend keeps act(a) for the backward, as eager autograd does (no exp
-    recomputed), and skips it without grad; both give the same gradients as recomputing."""
+def test_torch_backend_kept_act_gives_the_recomputed_gradients():
+    """The torch backend's backward gives the same gradients from a kept act(a) as from
+    computing it again, and its forward skips act(a) unless asked to keep it."""
     a, b = _randn((6, 20), torch.float32), _randn((6, 20), torch.float32, seed=2)
-    y, act = ops._fwd(a.detach(), b.detach(), "silu", False, True, "torch")
-    torch.testing.assert_close(act, F.silu(a.detach()), rtol=0, atol=0)
-    assert ops._fwd(a.detach(), b.detach(), "silu", False, False, "torch")[1].numel() == 0
+    for activation, act_fn in (("silu", F.silu), ("gelu_tanh",
+                                                  partial(F.gelu, approximate="tanh"))):
+        y, act = ops._fwd(a.detach(), b.detach(), activation, False, True, "torch")
+        torch.testing.assert_close(act, act_fn(a.detach()), rtol=0, atol=0)
+        assert ops._fwd(a.detach(), b.detach(), activation, False, False,
+                        "torch")[1].numel() == 0
+        dy = torch.randn(6, 20)
+        kept = ops._bwd(dy, a.detach(), b.detach(), act, activation, False, "torch")
+        recomputed = ops._bwd(dy, a.detach(), b.detach(), None, activation, False, "torch")
+        for x, z in zip(kept, recomputed):
+            torch.testing.assert_close(x, z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_torch_backend_saves_what_its_backward_needs(activation, packed):
+    """For the backward the torch backend keeps a and b, and GELU's act(a) (an erf costs
+    more than storing it), not SiLU's (an exp costs less); outputs and gradients are
+    eager's up to the last ulp."""
+    a = _randn((6, 40 if packed else 20), torch.float32)
+    b = None if packed else _randn((6, 20), torch.float32, seed=2)
+    act_fn, call = ((F.silu, ops.swiglu) if activation == "silu" else (F.gelu, ops.geglu))
+    saved = []
+    with fastattn.use_backend("torch"), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        y = call(a, b)
+    gate, up = (a[:, :20], a[:, 20:]) if packed else (a, b)
+    inputs = sorted(t.data_ptr() for t in (a, b) if t is not None)
+    kept = sorted(t.data_ptr() for t in saved if t.data_ptr() in inputs)
+    assert kept == inputs
+    assert len(saved) == len(inputs) + (activation == "gelu")
+    want = act_fn(gate) * up
+    leaves = (a,) if packed else (a, b)
     dy = torch.randn(6, 20)
-    kept = ops._bwd(dy, a.detach(), b.detach(), act, "silu", False, "torch")
-    recomputed = ops._bwd(dy, a.detach(), b.detach(), None, "silu", False, "torch")
-    for x, z in zip(kept, recomputed):
-        torch.testing.assert_close(x, z, rtol=0, atol=0)
+    for x, z in zip((y, *torch.autograd.grad(y, leaves, dy)),
+                    (want, *torch.autograd.grad(want, leaves, dy))):
+        torch.testing.assert_close(x, z, rtol=1e-6, atol=1e-6)
 
 
 def test_torch_backend_chunks_rows(monkeypatch):
