@@ -27,7 +27,25 @@ def build_options(csrc: str) -> dict:
     return {"sources": sources, "with_cuda": with_cuda,
             # The C++ standard is torch's choice.
             "cflags": ["-O3", "-Wno-psabi", *openmp, *defines],
-            "cuda_cflags": ["-O3", "--use_fast_math", *defines], "ldflags": openmp}
+            "cuda_cflags": ["-O3", "--use_fast_math", *defines, *cuda_arch_flags()],
+            "ldflags": openmp}
+
+
+# Built for when no GPU is visible: A100 (sm_80) and H100/H200 (sm_90) machine code,
+# and sm_90 PTX that the driver compiles for newer GPUs.
+DEFAULT_ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                 "-gencode=arch=compute_90,code=compute_90")
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc's target flags: none (torch's choice: the visible GPUs, or
+    ``TORCH_CUDA_ARCH_LIST``) unless neither is there, as on a build machine with a
+    CUDA torch and no GPU, where torch finds no architecture and fails (an IndexError
+    in torch 2.14); then ``DEFAULT_ARCHS`` (torch leaves its own out when a flag names
+    an arch)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return []
+    return list(DEFAULT_ARCHS)
 
 
 def openmp_flags() -> list[str]:

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastattn import ext, reference
+from fastattn import _ext_build, ext, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (1, 3, 768, 1000, 4097)
@@ -483,6 +483,20 @@ def _nvcc() -> str | None:
     return path if path and os.path.exists(path) else None
 
 
+def test_cuda_arch_flags_without_a_gpu(monkeypatch):
+    """With no GPU visible and no TORCH_CUDA_ARCH_LIST (a build machine with a CUDA
+    torch), the build names sm_80/sm_90 itself: torch would find no arch and fail."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _ext_build.cuda_arch_flags() == list(_ext_build.DEFAULT_ARCHS)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", "/usr/local/cuda")
+    flags = _ext_build.build_options(os.path.join(REPO, "csrc"))["cuda_cflags"]
+    assert [f for f in flags if "arch" in f] == list(_ext_build.DEFAULT_ARCHS)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _ext_build.cuda_arch_flags() == []
+
+
 @pytest.mark.slow
 def test_cuda_sources_compile():
     """Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 against torch's headers,
@@ -508,8 +522,7 @@ def test_cuda_sources_compile():
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         common = [abi, "-DFASTATTN_WITH_CUDA", "-std=c++17", *includes]
         jobs = [[nvcc, "-c", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC",
-                 "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                 *cpp_extension.COMMON_NVCC_FLAGS, *common, src,
+                 *_ext_build.DEFAULT_ARCHS, *cpp_extension.COMMON_NVCC_FLAGS, *common, src,
                  "-o", os.path.join(tmp, os.path.basename(src) + ".o")] for src in sources]
         compiler = os.environ.get("CXX", "c++")
         jobs.append([compiler, "-fsyntax-only", *common, os.path.join(csrc, "fastattn_ext.cpp")])
