@@ -68,6 +68,15 @@ tail (Tk not a multiple of BLOCK_N) apply one. Lanes outside the tensors (the qu
 the head-dim padding) load zeros, which add nothing to any dot product, and are never
 stored; in the backward, query rows past Tq also load dO = 0, so they add nothing.
 
+Head dim: tiles are powers of two, so D runs as one tile of BLOCK_D = max(16, next
+power of two) columns, padded, or, where that pads much (``head_dim_split``: 80, 96,
+192, ...), as two column pieces [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2), both
+powers of two, the second masked at D: 96 = 64 + 32 instead of 128. Every tile along D
+is then two tiles: a product that contracts D (Q·Kᵀ, dO·Vᵀ) is the sum of two dots, a
+product into D (P·V, Pᵀ·dO, dSᵀ·Q, dS·K) two dots into two accumulators. The second
+piece's names end in 2 (q2, acc2, K2); without a split (constexpr BLOCK_D2 = 0) they
+stand in for the first and no code reads them, so those kernels compile as before.
+
 Variable lengths (varlen): sequences of different lengths packed along one token axis,
 q (total_q, H, D), sequence b owning rows cu_seqlens_q[b] : cu_seqlens_q[b + 1] (and
 likewise for k, v). The same kernels serve it (constexpr VARLEN): a program reads its
@@ -76,19 +85,25 @@ sequence, has programs past their sequence's end return at once.
 
 Memory paths: on sm_90+ the tiles of Q, K, V, O (dO, dQ, dK, dV) move by TMA (the copy
 engine, ``cp.async.bulk.tensor``) through tensor descriptors that each program builds
-for its sequence's head (constexpr TMA; ``_rows``): out-of-bounds rows and head-dim
-padding load as zeros and are not stored, as the pointer path's masks do. The launchers
-take TMA per call when the device has it and every such tensor qualifies (fp16/bf16,
-unit stride along D, base and other strides multiples of 16 bytes: ``_tma_ok``), else
-masked pointer loads; L, Δ and the atomic path's fp32 dQ always use pointers.
+for its sequence's head (constexpr TMA; ``_rows``), one per head-dim piece (block
+shapes (BLOCK, BLOCK_D) and (BLOCK, BLOCK_D2), the second loading at column BLOCK_D):
+out-of-bounds rows and head-dim padding load as zeros and are not stored, as the
+pointer path's masks do. The launchers take TMA per call when the device has it and
+every such tensor qualifies (fp16/bf16, unit stride along D, base and other strides
+multiples of 16 bytes: ``_tma_ok``), else masked pointer loads; L, Δ and the atomic
+path's fp32 dQ always use pointers.
 FASTATTN_TMA=0 turns TMA off. The forward's loops run warp-specialized (constexpr
 WARP_SPEC) where Triton applies it: sm_100+ (Triton 3.6-3.9 leave sm_90 loops as they
 are).
 
 Limits
 ------
-- Head dim D: any integer in [1, 256]; padded to BLOCK_D = max(16, next power of two)
-  (``tl.dot`` needs K ≥ 16) with masked loads and stores.
+- Head dim D: any integer in [1, 256], as one tile of max(16, next power of two)
+  columns (``tl.dot`` needs K ≥ 16) or two power-of-two pieces (``head_dim_split``:
+  80 = 64 + 16, 96 = 64 + 32, 192 = 128 + 64), with masked loads and stores past D.
+  The padding left costs matmul work: D = 24 runs 32 columns, 112 runs 128, 200 runs
+  256; 80 runs 80, 96 runs 96, 192 runs 192. Δ (a row reduction) keeps the padded
+  tile.
 - dtypes: fp16, bf16, fp32 (q, k, v alike); accumulation in fp32. fp32 dots use
   ``input_precision="ieee"`` (true fp32, no TF32). ALiBi slopes are fp32.
 - Lengths: any Tq, Tk ≥ 1 (dense); in varlen any lengths ≥ 0, with max_seqlen_q/k at
@@ -125,7 +140,8 @@ from ._utils import INTERPRET, launch, next_pow2
 from ._utils import empty as _empty
 
 LOG2E = math.log2(math.e)
-ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8 = torch.float8_e4m3fn
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, FP8)   # FP8: forward
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 
@@ -133,15 +149,28 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``a @ b`` accumulated in fp32; true-fp32 products when IEEE (fp32 inputs)."""
+def _dot(a, b, IEEE: tl.constexpr, DOT_FP32: tl.constexpr, acc=None):
+    """``a @ b`` (plus the fp32 ``acc``) accumulated in fp32; true-fp32 products when
+    IEEE (fp32 inputs)."""
     if DOT_FP32:  # interpreter with bf16 inputs: triton#11584
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _dot_t(a, a2, b, b2, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+           BLOCK_D2: tl.constexpr):
+    """``a @ bᵀ`` of two tiles along the head dim, (M, D) and (N, D): a product that
+    contracts D, so with a split (BLOCK_D2 > 0) the sum of the two column pieces'
+    products, the second accumulated onto the first (a2, b2: the second pieces)."""
+    out = _dot(a, tl.trans(b), IEEE, DOT_FP32)
+    if BLOCK_D2 > 0:
+        out = _dot(a2, tl.trans(b2), IEEE, DOT_FP32, out)
     return out
 
 
@@ -188,40 +217,114 @@ def _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI: tl.constexpr):
 
 @triton.jit
 def _rows(X, T, stride_m, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-          BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """Where ``_load_tile`` and ``_store_tile`` find one sequence's head: with TMA its
-    tensor descriptor, (T, HEAD_DIM) rows of X with row stride ``stride_m`` and unit
-    column stride, moved in (BLOCK, BLOCK_D) tiles (the copy engine fills what lies past
-    T or HEAD_DIM with zeros on a load and drops it on a store); without, X itself."""
+          BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, TMA: tl.constexpr):
+    """Where ``_load_tiles`` and ``_store_tiles`` find one sequence's head, for each of
+    the head dim's two column pieces (``head_dim_split``): with TMA a tensor descriptor
+    each, (T, HEAD_DIM) rows of X with row stride ``stride_m`` and unit column stride,
+    moved in (BLOCK, BLOCK_D) and (BLOCK, BLOCK_D2) tiles (the copy engine fills what
+    lies past T or HEAD_DIM with zeros on a load and drops it on a store); without, X
+    twice. Without a split (BLOCK_D2 = 0) the second is the first again, a stand-in
+    that no code reads."""
     if TMA:
         src = tl.make_tensor_descriptor(X, shape=[T, HEAD_DIM], strides=[stride_m, 1],
                                         block_shape=[BLOCK, BLOCK_D])
+        src2 = src
+        if BLOCK_D2 > 0:
+            src2 = tl.make_tensor_descriptor(X, shape=[T, HEAD_DIM], strides=[stride_m, 1],
+                                             block_shape=[BLOCK, BLOCK_D2])
     else:
         src = X
-    return src
+        src2 = X
+    return src, src2
 
 
 @triton.jit
-def _load_tile(X, row0, rows, offs_d, stride_m, stride_d, mask, TMA: tl.constexpr):
-    """The (BLOCK, BLOCK_D) tile of ``rows`` = row0 + arange(BLOCK) of ``_rows``' X: one
-    TMA copy, or masked pointer loads with zeros where ``mask`` is off."""
-    if TMA:
-        tile = X.load([row0, 0])
+def _tile_mask(row_ok, col_ok):
+    """Mask of a (rows, columns) tile: the rows ``row_ok`` and the columns ``col_ok``,
+    one of them None where all exist."""
+    if col_ok is None:
+        mask = row_ok[:, None]
+    elif row_ok is None:
+        mask = col_ok[None, :]
     else:
+        mask = row_ok[:, None] & col_ok[None, :]
+    return mask
+
+
+@triton.jit
+def _load_tile(X, row0, col0, rows, offs_d, stride_m, stride_d, row_ok, col_ok,
+               TMA: tl.constexpr):
+    """The tile of ``rows`` = row0 + arange(BLOCK) and columns ``offs_d`` = col0 +
+    arange(width) of a ``_rows`` source X: one TMA copy, or pointer loads with zeros
+    outside the rows ``row_ok`` and the columns ``col_ok`` (None: all exist)."""
+    if TMA:
+        tile = X.load([row0, col0])
+    elif row_ok is None and col_ok is None:
+        tile = tl.load(X + rows[:, None] * stride_m + offs_d[None, :] * stride_d)
+    else:
+        mask = _tile_mask(row_ok, col_ok)
         tile = tl.load(X + rows[:, None] * stride_m + offs_d[None, :] * stride_d,
                        mask=mask, other=0.0)
     return tile
 
 
 @triton.jit
-def _store_tile(X, value, row0, rows, offs_d, stride_m, stride_d, mask,
+def _store_tile(X, value, row0, col0, rows, offs_d, stride_m, stride_d, row_ok, col_ok,
                 TMA: tl.constexpr):
     """Write ``value``, cast to X's dtype, to the tile ``_load_tile`` reads."""
     if TMA:
-        X.store([row0, 0], value.to(X.dtype))
+        X.store([row0, col0], value.to(X.dtype))
     else:
+        mask = _tile_mask(row_ok, col_ok)
         tl.store(X + rows[:, None] * stride_m + offs_d[None, :] * stride_d,
                  value.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_tiles(X, X2, row0, rows, row_ok, offs_d, d_mask, stride_m, stride_d,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                TMA: tl.constexpr):
+    """The tile of ``rows`` (see ``_load_tile``) of the ``_rows`` sources (X, X2) as its
+    two column pieces: columns ``offs_d`` = [0, BLOCK_D), masked by ``d_mask`` (those
+    below HEAD_DIM), and with a split [BLOCK_D, BLOCK_D + BLOCK_D2), masked at HEAD_DIM
+    where it passes it (the first piece then lies inside D: no column mask); rows off
+    ``row_ok`` (None: none) load zeros. Without a split the second piece is the first
+    again, a stand-in that no code reads."""
+    if BLOCK_D2 > 0:
+        tile = _load_tile(X, row0, 0, rows, offs_d, stride_m, stride_d, row_ok, None, TMA)
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        if BLOCK_D + BLOCK_D2 > HEAD_DIM:
+            tile2 = _load_tile(X2, row0, BLOCK_D, rows, offs_d2, stride_m, stride_d,
+                               row_ok, offs_d2 < HEAD_DIM, TMA)
+        else:
+            tile2 = _load_tile(X2, row0, BLOCK_D, rows, offs_d2, stride_m, stride_d,
+                               row_ok, None, TMA)
+    else:
+        tile = _load_tile(X, row0, 0, rows, offs_d, stride_m, stride_d, row_ok, d_mask,
+                          TMA)
+        tile2 = tile
+    return tile, tile2
+
+
+@triton.jit
+def _store_tiles(X, X2, value, value2, row0, rows, row_ok, offs_d, d_mask, stride_m,
+                 stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_D2: tl.constexpr, TMA: tl.constexpr):
+    """Write the two pieces (value, value2) to the tile ``_load_tiles`` reads (rows
+    off ``row_ok`` and columns past HEAD_DIM are not written)."""
+    if BLOCK_D2 > 0:
+        _store_tile(X, value, row0, 0, rows, offs_d, stride_m, stride_d, row_ok, None,
+                    TMA)
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        if BLOCK_D + BLOCK_D2 > HEAD_DIM:
+            _store_tile(X2, value2, row0, BLOCK_D, rows, offs_d2, stride_m, stride_d,
+                        row_ok, offs_d2 < HEAD_DIM, TMA)
+        else:
+            _store_tile(X2, value2, row0, BLOCK_D, rows, offs_d2, stride_m, stride_d,
+                        row_ok, None, TMA)
+    else:
+        _store_tile(X, value, row0, 0, rows, offs_d, stride_m, stride_d, row_ok, d_mask,
+                    TMA)
 
 
 # Block ranges. A program of the forward or dQ visits the key blocks starting in
@@ -341,24 +444,25 @@ def _dropout_keep(rows, cols, bh, seed, offset, dropout_p):
 
 
 @triton.jit
-def _attn_fwd_step(acc, l_i, m_i, q, K, V, start_n,
+def _attn_fwd_step(acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, start_n,
                    stride_kn, stride_kd, stride_vn, stride_vd,
                    offs_m, offs_n, offs_d, d_mask, Tk, off,
                    qk_scale, softcap2, slope2, left, right,
                    bh, seed, offset, dropout_p,
                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                   IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr):
-    """Online-softmax update of (acc, l, m) with the key block starting at start_n."""
+                   IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Online-softmax update of (acc, l, m) with the key block starting at start_n; acc2
+    is the output's second column piece (with a split, else a stand-in)."""
     rows = offs_m[:, None]
     cols = start_n + offs_n
+    key_ok = None
     if MASKED:
-        kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
-    else:
-        kv_mask = d_mask[None, :]
-    k = _load_tile(K, start_n, cols, offs_d, stride_kn, stride_kd, kv_mask,
-                   TMA)                                              # (BLOCK_N, BLOCK_D)
-    s, _ = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
+        key_ok = cols < Tk
+    k, k2 = _load_tiles(K, K2, start_n, cols, key_ok, offs_d, d_mask, stride_kn, stride_kd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_N, BLOCK_D)
+    s, _ = _scores(_dot_t(q, q2, k, k2, IEEE, DOT_FP32, BLOCK_D2), rows, cols[None, :], off,
                    qk_scale, softcap2, slope2, SOFTCAP, ALIBI)       # (BLOCK_M, BLOCK_N)
     if MASKED:
         s = tl.where(_visible(rows, cols[None, :], off, left, right, Tk, HAS_LEFT,
@@ -373,14 +477,16 @@ def _attn_fwd_step(acc, l_i, m_i, q, K, V, start_n,
     if DROPOUT:   # the 1 / (1 - p) is applied to O at the end
         p = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
                      p, 0.0)
-    v = _load_tile(V, start_n, cols, offs_d, stride_vn, stride_vd, kv_mask,
-                   TMA)                                              # (BLOCK_N, BLOCK_D)
+    v, v2 = _load_tiles(V, V2, start_n, cols, key_ok, offs_d, d_mask, stride_vn, stride_vd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_N, BLOCK_D)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, DOT_FP32)
-    return acc, l_i, m_new
+    if BLOCK_D2 > 0:
+        acc2 = acc2 * alpha[:, None] + _dot(p.to(v2.dtype), v2, IEEE, DOT_FP32)
+    return acc, acc2, l_i, m_new
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this sequence's rows (see _rows)
+def _attn_fwd_inner(acc, acc2, l_i, m_i, q, q2, K, K2, V, V2,  # K, V: see _rows
                     stride_kn, stride_kd, stride_vn, stride_vd,
                     offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
                     qk_scale, softcap2, slope2, left, right,
@@ -388,26 +494,29 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V,  # K, V: this sequence's rows (see _
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                     IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr,
-                    WARP_SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, l, m) with the key blocks starting in [lo, hi).
-    WARP_SPEC runs the loop warp-specialized (a producer warp issues the TMA copies,
-    the others compute); the plain loop is kept apart, as Triton versions before 3.4
-    have no ``warp_specialize``."""
+                    WARP_SPEC: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Online-softmax update of (acc, acc2, l, m) with the key blocks starting in
+    [lo, hi). WARP_SPEC runs the loop warp-specialized (a producer warp issues the TMA
+    copies, the others compute); the plain loop is kept apart, as Triton versions
+    before 3.4 have no ``warp_specialize``."""
     if WARP_SPEC:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _attn_fwd_step(
-                acc, l_i, m_i, q, K, V, start_n, stride_kn, stride_kd, stride_vn,
-                stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale, softcap2,
-                slope2, left, right, bh, seed, offset, dropout_p, MASKED, HAS_LEFT,
-                HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA)
+            acc, acc2, l_i, m_i = _attn_fwd_step(
+                acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, start_n, stride_kn, stride_kd,
+                stride_vn, stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale,
+                softcap2, slope2, left, right, bh, seed, offset, dropout_p, MASKED,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+                HEAD_DIM, BLOCK_D, BLOCK_D2)
     else:
         for start_n in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_step(
-                acc, l_i, m_i, q, K, V, start_n, stride_kn, stride_kd, stride_vn,
-                stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale, softcap2,
-                slope2, left, right, bh, seed, offset, dropout_p, MASKED, HAS_LEFT,
-                HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA)
-    return acc, l_i, m_i
+            acc, acc2, l_i, m_i = _attn_fwd_step(
+                acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, start_n, stride_kn, stride_kd,
+                stride_vn, stride_vd, offs_m, offs_n, offs_d, d_mask, Tk, off, qk_scale,
+                softcap2, slope2, left, right, bh, seed, offset, dropout_p, MASKED,
+                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+                HEAD_DIM, BLOCK_D, BLOCK_D2)
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
@@ -420,12 +529,14 @@ def _attn_fwd_kernel(
     CU_Q,    # (B + 1,) int32 query row offsets of the sequences (VARLEN), else None
     CU_K,    # (B + 1,) int32 key row offsets (VARLEN), else None
     SLOPES,  # (B, H) fp32 ALiBi slopes (ALIBI), else None
+    DESCALE,  # (3, B, Hkv) fp32 factors of q, k, v (FP8), else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
+    stride_sp, stride_sb,   # DESCALE's strides: q/k/v plane, batch (KV heads: 1)
     H, GROUP,          # query heads; query heads per KV head
     Tq, Tk,            # lengths; with VARLEN the longest ones (they size the grid)
     qk_scale,          # scale · log2(e), or scale / softcap with SOFTCAP
@@ -436,8 +547,9 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,   # head-dim pieces: head_dim_split
 ):
     # Query block i sees keys up to i + off + right: with a right bound (causal) the
     # last blocks see the most.
@@ -453,28 +565,36 @@ def _attn_fwd_kernel(
     b = b.to(tl.int64)
     h = h.to(tl.int64)
     hk = h // GROUP
-    Q = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
-              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    O = _rows(O + b * stride_ob + h * stride_oh + q_start * stride_om, Tq, stride_om,
-              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    Q, Q2 = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
+                  HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
+    K, K2 = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    V, V2 = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    O, O2 = _rows(O + b * stride_ob + h * stride_oh + q_start * stride_om, Tq, stride_om,
+                  HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
     LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
     slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
+    v_descale = 1.0
+    if FP8:   # q, k, v hold real / factor: q's and k's factors join the scores' scale
+        factors = DESCALE + b * stride_sb + hk
+        qk_scale = qk_scale * tl.load(factors) * tl.load(factors + stride_sp)
+        v_descale = tl.load(factors + 2 * stride_sp)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q_mask = (offs_m < Tq)[:, None] & d_mask[None, :]
-    q = _load_tile(Q, m0, offs_m, offs_d, stride_qm, stride_qd, q_mask,
-                   TMA)                                              # (BLOCK_M, BLOCK_D)
+    row_ok = offs_m < Tq
+    q, q2 = _load_tiles(Q, Q2, m0, offs_m, row_ok, offs_d, d_mask, stride_qm, stride_qd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc2 = acc                      # the second column piece's (a stand-in without one)
+    if BLOCK_D2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     off = Tk - Tq
     bh = b * H + h
     start, mid_lo, mid_hi, end = _key_blocks(m0, Tq, Tk, left, right, HAS_LEFT,
@@ -482,27 +602,24 @@ def _attn_fwd_kernel(
     # Masked blocks before the fully visible middle (only a left bound makes them), the
     # middle, masked blocks after it (the diagonal, the key tail).
     if HAS_LEFT:
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
-                                        stride_kn, stride_kd, stride_vn, stride_vd,
-                                        offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk,
-                                        off, qk_scale, softcap2, slope2, left, right,
-                                        bh, seed, offset, dropout_p,
-                                        True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                        IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
-                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
-                                    qk_scale, softcap2, slope2, left, right,
-                                    bh, seed, offset, dropout_p,
-                                    False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                    IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V,
-                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
-                                    qk_scale, softcap2, slope2, left, right,
-                                    bh, seed, offset, dropout_p,
-                                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                    IEEE, DOT_FP32, TMA, WARP_SPEC, BLOCK_N)
+        acc, acc2, l_i, m_i = _attn_fwd_inner(
+            acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, stride_kn, stride_kd, stride_vn,
+            stride_vd, offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off, qk_scale,
+            softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+            WARP_SPEC, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, stride_kn, stride_kd, stride_vn,
+        stride_vd, offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off, qk_scale,
+        softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+        False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+        WARP_SPEC, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
+    acc, acc2, l_i, m_i = _attn_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, K, K2, V, V2, stride_kn, stride_kd, stride_vn,
+        stride_vd, offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off, qk_scale,
+        softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+        True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+        WARP_SPEC, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
 
     # l >= 1 for every row that saw a key (its max contributes exp2(0)); rows that saw
     # none get O = 0 and L = -inf.
@@ -511,9 +628,19 @@ def _attn_fwd_kernel(
     o = acc / l_i[:, None]
     if DROPOUT:
         o *= 1.0 / (1.0 - dropout_p)                                 # kept P are scaled up
+    o2 = o
+    if BLOCK_D2 > 0:
+        o2 = acc2 / l_i[:, None]
+        if DROPOUT:
+            o2 *= 1.0 / (1.0 - dropout_p)
+    if FP8:                                                          # v's factor
+        o *= v_descale
+        if BLOCK_D2 > 0:
+            o2 *= v_descale
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453                  # log2 -> natural log
     lse = tl.where(seen, lse, float("-inf"))
-    _store_tile(O, o, m0, offs_m, offs_d, stride_om, stride_od, q_mask, TMA)
+    _store_tiles(O, O2, o, o2, m0, offs_m, row_ok, offs_d, d_mask, stride_om, stride_od,
+                 HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
     tl.store(LSE + offs_m * stride_lm, lse, mask=offs_m < Tq)
 
 
@@ -564,7 +691,8 @@ def _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's head's
+def _attn_bwd_dkdv_inner(dk, dk2, dv, dv2, k, k2, v, v2,
+                         Q, Q2, DO, DO2, LSE, DELTA, DQ,  # this sequence's head's
                          stride_qm, stride_qd, stride_dom, stride_dod,
                          stride_lm, stride_dem, stride_dqm, stride_dqd,
                          offs_n, offs_m, offs_d, d_mask, lo, hi, Tq, Tk, off,
@@ -574,8 +702,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's
                          HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                          DOT_FP32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                         TMA: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi).
+                         TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Add to (dk, dv) the contributions of the query blocks starting in [lo, hi) (and
+    to dk2, dv2, the second column pieces, with a split).
 
     Works on transposed scores (keys × queries) so that dV = (P∘z)ᵀ·dO and dK = dSᵀ·Q
     are plain dots. Query rows past Tq load q = dO = Δ = 0, which makes their dS and dO
@@ -587,15 +717,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < Tq
-        q_mask = row_ok[:, None] & d_mask[None, :]
-        q = _load_tile(Q, start_m, rows, offs_d, stride_qm, stride_qd, q_mask,
-                       TMA)                                          # (BLOCK_M, BLOCK_D)
-        do = _load_tile(DO, start_m, rows, offs_d, stride_dom, stride_dod, q_mask,
-                        TMA)                                         # (BLOCK_M, BLOCK_D)
+        q_mask = _tile_mask(row_ok, d_mask)                          # (BLOCK_M, BLOCK_D)
+        q, q2 = _load_tiles(Q, Q2, start_m, rows, row_ok, offs_d, d_mask, stride_qm,
+                            stride_qd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)  # (BLOCK_M, BLOCK_D)
+        do, do2 = _load_tiles(DO, DO2, start_m, rows, row_ok, offs_d, d_mask, stride_dom,
+                              stride_dod, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
         lse2 = _load_lse2(LSE, rows, stride_lm, row_ok, ALIBI)
         delta = tl.load(DELTA + rows * stride_dem, mask=row_ok, other=0.0)
-        s_t, t_t = _scores(_dot(k, tl.trans(q), IEEE, DOT_FP32), rows[None, :], cols, off,
-                           qk_scale, softcap2, slope2, SOFTCAP, ALIBI)  # (BLOCK_N, BLOCK_M)
+        s_t, t_t = _scores(_dot_t(k, k2, q, q2, IEEE, DOT_FP32, BLOCK_D2), rows[None, :],
+                           cols, off, qk_scale, softcap2, slope2, SOFTCAP,
+                           ALIBI)                                    # (BLOCK_N, BLOCK_M)
         log2_p_t = s_t - lse2[None, :]
         if MASKED:
             # Mask the exponent, not x: hidden entries of rows with L = -inf (they see
@@ -604,23 +735,36 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ,  # this sequence's
             log2_p_t = tl.where(_visible(rows[None, :], cols, off, left, right, Tk,
                                          HAS_LEFT, HAS_RIGHT), log2_p_t, float("-inf"))
         p_t = tl.exp2(log2_p_t)
+        pz_t = p_t                                                   # P∘z, z without 1/(1-p)
         if DROPOUT:
             keep_t = _dropout_keep(rows[None, :], cols, bh, seed, offset, dropout_p)
-            dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, IEEE, DOT_FP32)
-        else:
-            dv += _dot(p_t.to(do.dtype), do, IEEE, DOT_FP32)
-        dp_t = _dot(v, tl.trans(do), IEEE, DOT_FP32)                 # (BLOCK_N, BLOCK_M)
+            pz_t = tl.where(keep_t, p_t, 0.0)
+        dv += _dot(pz_t.to(do.dtype), do, IEEE, DOT_FP32)
+        if BLOCK_D2 > 0:
+            dv2 += _dot(pz_t.to(do2.dtype), do2, IEEE, DOT_FP32)
+        dp_t = _dot_t(v, v2, do, do2, IEEE, DOT_FP32, BLOCK_D2)     # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += _dot(ds_t.to(q.dtype), q, IEEE, DOT_FP32)
+        if BLOCK_D2 > 0:
+            dk2 += _dot(ds_t.to(q2.dtype), q2, IEEE, DOT_FP32)
         if ATOMIC_DQ:
-            dq = _dot(tl.trans(ds_t).to(k.dtype), k, IEEE, DOT_FP32)  # (BLOCK_M, BLOCK_D)
+            ds = tl.trans(ds_t).to(k.dtype)                          # (BLOCK_M, BLOCK_N)
+            dq = _dot(ds, k, IEEE, DOT_FP32)                         # (BLOCK_M, BLOCK_D)
+            if BLOCK_D2 > 0:   # the first piece lies inside D
+                q_mask = row_ok[:, None]
             tl.atomic_add(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                           dq * sm_scale, mask=q_mask, sem="relaxed")
-    return dk, dv
+            if BLOCK_D2 > 0:
+                offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+                dq2 = _dot(ds, k2, IEEE, DOT_FP32)                   # (BLOCK_M, BLOCK_D2)
+                tl.atomic_add(DQ + rows[:, None] * stride_dqm + offs_d2[None, :] * stride_dqd,
+                              dq2 * sm_scale, mask=_tile_mask(row_ok, offs_d2 < HEAD_DIM),
+                              sem="relaxed")
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
@@ -655,7 +799,8 @@ def _attn_bwd_dkdv_kernel(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,   # head-dim pieces: head_dim_split
 ):
     # Key j is seen by rows from j - off - right on: with a right bound (causal) the
     # first key blocks have the most rows; with only a left bound, the last.
@@ -670,14 +815,14 @@ def _attn_bwd_dkdv_kernel(
             return
     b = b.to(tl.int64)
     hk = hk.to(tl.int64)
-    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    DK = _rows(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dkn, Tk,
-               stride_dkn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    DV = _rows(DV + b * stride_dvb + hk * stride_dvh + k_start * stride_dvn, Tk,
-               stride_dvn, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    K, K2 = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    V, V2 = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    DK, DK2 = _rows(DK + b * stride_dkb + hk * stride_dkh + k_start * stride_dkn, Tk,
+                    stride_dkn, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    DV, DV2 = _rows(DV + b * stride_dvb + hk * stride_dvh + k_start * stride_dvn, Tk,
+                    stride_dvn, HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -685,13 +830,17 @@ def _attn_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     # Key rows past Tk load zeros and are never stored; what they compute stays in
     # their own rows of dk and dv.
-    kv_mask = (offs_n < Tk)[:, None] & d_mask[None, :]
-    k = _load_tile(K, n0, offs_n, offs_d, stride_kn, stride_kd, kv_mask,
-                   TMA)                                              # (BLOCK_N, BLOCK_D)
-    v = _load_tile(V, n0, offs_n, offs_d, stride_vn, stride_vd, kv_mask,
-                   TMA)                                              # (BLOCK_N, BLOCK_D)
+    key_ok = offs_n < Tk
+    k, k2 = _load_tiles(K, K2, n0, offs_n, key_ok, offs_d, d_mask, stride_kn, stride_kd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_N, BLOCK_D)
+    v, v2 = _load_tiles(V, V2, n0, offs_n, key_ok, offs_d, d_mask, stride_vn, stride_vd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk2, dv2 = dk, dv               # the second column piece's (stand-ins without one)
+    if BLOCK_D2 > 0:
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
 
     off = Tk - Tq
     start, mid_lo, mid_hi, end = _query_blocks(n0, Tq, Tk, left, right, HAS_LEFT,
@@ -700,10 +849,10 @@ def _attn_bwd_dkdv_kernel(
     # (but for dQ with ATOMIC_DQ).
     for g in range(GROUP):
         h = hk * GROUP + g                                           # int64
-        Qh = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
-                   HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-        DOh = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq,
-                    stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+        Qh, Qh2 = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq,
+                        stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
+        DOh, DOh2 = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq,
+                          stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
         LSEh = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
         DELTAh = DELTA + b * stride_deb + h * stride_deh + q_start * stride_dem
         DQh = DQ
@@ -713,44 +862,46 @@ def _attn_bwd_dkdv_kernel(
         bh = b * (Hkv * GROUP) + h
         # Masked query blocks (the window's right edge, the diagonal, the key tail), the
         # unmasked middle, masked blocks past the left edge.
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
-                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_lm, stride_dem, stride_dqm, stride_dqd,
-                                      offs_n, offs_m, offs_d, d_mask, start, mid_lo,
-                                      Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2,
-                                      left, right,
-                                      bh, seed, offset, dropout_p,
-                                      True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, ATOMIC_DQ, TMA, BLOCK_M)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
-                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                      stride_lm, stride_dem, stride_dqm, stride_dqd,
-                                      offs_n, offs_m, offs_d, d_mask, mid_lo, mid_hi,
-                                      Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2,
-                                      left, right,
-                                      bh, seed, offset, dropout_p,
-                                      False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                      IEEE, DOT_FP32, ATOMIC_DQ, TMA, BLOCK_M)
+        dk, dk2, dv, dv2 = _attn_bwd_dkdv_inner(
+            dk, dk2, dv, dv2, k, k2, v, v2, Qh, Qh2, DOh, DOh2, LSEh, DELTAh, DQh,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dem,
+            stride_dqm, stride_dqd, offs_n, offs_m, offs_d, d_mask, start, mid_lo,
+            Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2, left, right,
+            bh, seed, offset, dropout_p, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+            DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, TMA, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2)
+        dk, dk2, dv, dv2 = _attn_bwd_dkdv_inner(
+            dk, dk2, dv, dv2, k, k2, v, v2, Qh, Qh2, DOh, DOh2, LSEh, DELTAh, DQh,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dem,
+            stride_dqm, stride_dqd, offs_n, offs_m, offs_d, d_mask, mid_lo, mid_hi,
+            Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2, left, right,
+            bh, seed, offset, dropout_p, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+            DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, TMA, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2)
         if HAS_LEFT:   # rows past the key block's window: only a left bound makes them
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh,
-                                          stride_qm, stride_qd, stride_dom, stride_dod,
-                                          stride_lm, stride_dem, stride_dqm, stride_dqd,
-                                          offs_n, offs_m, offs_d, d_mask, mid_hi, end,
-                                          Tq, Tk, off, sm_scale, qk_scale, softcap2,
-                                          slope2, left, right, bh, seed, offset, dropout_p,
-                                          True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
-                                          DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, TMA,
-                                          BLOCK_M)
+            dk, dk2, dv, dv2 = _attn_bwd_dkdv_inner(
+                dk, dk2, dv, dv2, k, k2, v, v2, Qh, Qh2, DOh, DOh2, LSEh, DELTAh, DQh,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_dem,
+                stride_dqm, stride_dqd, offs_n, offs_m, offs_d, d_mask, mid_hi, end,
+                Tq, Tk, off, sm_scale, qk_scale, softcap2, slope2, left, right,
+                bh, seed, offset, dropout_p, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                DROPOUT, IEEE, DOT_FP32, ATOMIC_DQ, TMA, HEAD_DIM, BLOCK_M, BLOCK_D,
+                BLOCK_D2)
 
     dk *= sm_scale
     if DROPOUT:
         dv *= 1.0 / (1.0 - dropout_p)
-    _store_tile(DK, dk, n0, offs_n, offs_d, stride_dkn, stride_dkd, kv_mask, TMA)
-    _store_tile(DV, dv, n0, offs_n, offs_d, stride_dvn, stride_dvd, kv_mask, TMA)
+    if BLOCK_D2 > 0:
+        dk2 *= sm_scale
+        if DROPOUT:
+            dv2 *= 1.0 / (1.0 - dropout_p)
+    _store_tiles(DK, DK2, dk, dk2, n0, offs_n, key_ok, offs_d, d_mask, stride_dkn,
+                 stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
+    _store_tiles(DV, DV2, dv, dv2, n0, offs_n, key_ok, offs_d, d_mask, stride_dvn,
+                 stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's rows
+def _attn_bwd_dq_inner(dq, dq2, q, q2, do, do2, lse2, delta,
+                       K, K2, V, V2,  # this sequence's rows (see _rows)
                        stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, offs_n, offs_d, d_mask, lo, hi, Tk, off,
                        qk_scale, softcap2, slope2, left, right,
@@ -758,28 +909,29 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's ro
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """Add to dq the contributions of the key blocks starting in [lo, hi)."""
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """Add to dq (and dq2, its second column piece, with a split) the contributions of
+    the key blocks starting in [lo, hi)."""
     rows = offs_m[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        key_ok = None
         if MASKED:
-            kv_mask = (cols < Tk)[:, None] & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        k = _load_tile(K, start_n, cols, offs_d, stride_kn, stride_kd, kv_mask,
-                       TMA)                                          # (BLOCK_N, BLOCK_D)
-        v = _load_tile(V, start_n, cols, offs_d, stride_vn, stride_vd, kv_mask,
-                       TMA)                                          # (BLOCK_N, BLOCK_D)
-        s, t = _scores(_dot(q, tl.trans(k), IEEE, DOT_FP32), rows, cols[None, :], off,
-                       qk_scale, softcap2, slope2, SOFTCAP, ALIBI)   # (BLOCK_M, BLOCK_N)
+            key_ok = cols < Tk
+        k, k2 = _load_tiles(K, K2, start_n, cols, key_ok, offs_d, d_mask, stride_kn,
+                            stride_kd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)  # (BLOCK_N, BLOCK_D)
+        v, v2 = _load_tiles(V, V2, start_n, cols, key_ok, offs_d, d_mask, stride_vn,
+                            stride_vd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)  # (BLOCK_N, BLOCK_D)
+        s, t = _scores(_dot_t(q, q2, k, k2, IEEE, DOT_FP32, BLOCK_D2), rows, cols[None, :],
+                       off, qk_scale, softcap2, slope2, SOFTCAP, ALIBI)  # (BLOCK_M, BLOCK_N)
         log2_p = s - lse2[:, None]
         if MASKED:
             # Mask the exponent, not x (see _attn_bwd_dkdv_inner).
             log2_p = tl.where(_visible(rows, cols[None, :], off, left, right, Tk,
                                        HAS_LEFT, HAS_RIGHT), log2_p, float("-inf"))
         p = tl.exp2(log2_p)
-        dp = _dot(do, tl.trans(v), IEEE, DOT_FP32)                   # (BLOCK_M, BLOCK_N)
+        dp = _dot_t(do, do2, v, v2, IEEE, DOT_FP32, BLOCK_D2)        # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             dp = tl.where(_dropout_keep(rows, cols[None, :], bh, seed, offset, dropout_p),
                           dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -787,7 +939,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,  # K, V: this sequence's ro
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(k.dtype), k, IEEE, DOT_FP32)
-    return dq
+        if BLOCK_D2 > 0:
+            dq2 += _dot(ds.to(k2.dtype), k2, IEEE, DOT_FP32)
+    return dq, dq2
 
 
 @triton.jit
@@ -818,7 +972,8 @@ def _attn_bwd_dq_kernel(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
     TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,   # head-dim pieces: head_dim_split
 ):
     # Query block i sees keys up to i + off + right: with a right bound (causal) the
     # last blocks see the most.
@@ -834,18 +989,18 @@ def _attn_bwd_dq_kernel(
     b = b.to(tl.int64)
     h = h.to(tl.int64)
     hk = h // GROUP
-    Q = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
-              HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-    K = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    V = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
-              HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    DO = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq, stride_dom,
-               HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    Q, Q2 = _rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, Tq, stride_qm,
+                  HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
+    K, K2 = _rows(K + b * stride_kb + hk * stride_kh + k_start * stride_kn, Tk, stride_kn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    V, V2 = _rows(V + b * stride_vb + hk * stride_vh + k_start * stride_vn, Tk, stride_vn,
+                  HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2, TMA)
+    DO, DO2 = _rows(DO + b * stride_dob + h * stride_doh + q_start * stride_dom, Tq,
+                    stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
     LSE += b * stride_lb + h * stride_lh + q_start * stride_lm
     DELTA += b * stride_deb + h * stride_deh + q_start * stride_dem
-    DQ = _rows(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm, Tq, stride_dqm,
-               HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    DQ, DQ2 = _rows(DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm, Tq,
+                    stride_dqm, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_D2, TMA)
     slope2 = _slope(SLOPES, b, h, stride_ab, stride_ah, ALIBI)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -853,15 +1008,17 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     row_ok = offs_m < Tq
-    q_mask = row_ok[:, None] & d_mask[None, :]
-    q = _load_tile(Q, m0, offs_m, offs_d, stride_qm, stride_qd, q_mask,
-                   TMA)                                              # (BLOCK_M, BLOCK_D)
-    do = _load_tile(DO, m0, offs_m, offs_d, stride_dom, stride_dod, q_mask,
-                    TMA)                                             # (BLOCK_M, BLOCK_D)
+    q, q2 = _load_tiles(Q, Q2, m0, offs_m, row_ok, offs_d, d_mask, stride_qm, stride_qd,
+                        HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)            # (BLOCK_M, BLOCK_D)
+    do, do2 = _load_tiles(DO, DO2, m0, offs_m, row_ok, offs_d, d_mask, stride_dom,
+                          stride_dod, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
     # Rows past Tq get dO = 0 and Δ = 0 (and L as _load_lse2 says), so their dS is 0.
     lse2 = _load_lse2(LSE, offs_m, stride_lm, row_ok, ALIBI)
     delta = tl.load(DELTA + offs_m * stride_dem, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq2 = dq                        # the second column piece's (a stand-in without one)
+    if BLOCK_D2 > 0:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 
     off = Tk - Tq
     bh = b * H + h
@@ -869,29 +1026,29 @@ def _attn_bwd_dq_kernel(
                                              HAS_RIGHT, BLOCK_M, BLOCK_N)
     # Masked, unmasked and masked key blocks, as in the forward.
     if HAS_LEFT:
-        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
-                                stride_kn, stride_kd, stride_vn, stride_vd,
-                                offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
-                                qk_scale, softcap2, slope2, left, right,
-                                bh, seed, offset, dropout_p,
-                                True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                IEEE, DOT_FP32, TMA, BLOCK_N)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
-                            stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
-                            qk_scale, softcap2, slope2, left, right,
-                            bh, seed, offset, dropout_p,
-                            False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                            IEEE, DOT_FP32, TMA, BLOCK_N)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V,
-                            stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
-                            qk_scale, softcap2, slope2, left, right,
-                            bh, seed, offset, dropout_p,
-                            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                            IEEE, DOT_FP32, TMA, BLOCK_N)
+        dq, dq2 = _attn_bwd_dq_inner(
+            dq, dq2, q, q2, do, do2, lse2, delta, K, K2, V, V2, stride_kn, stride_kd,
+            stride_vn, stride_vd, offs_m, offs_n, offs_d, d_mask, start, mid_lo, Tk, off,
+            qk_scale, softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+            True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+            HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
+    dq, dq2 = _attn_bwd_dq_inner(
+        dq, dq2, q, q2, do, do2, lse2, delta, K, K2, V, V2, stride_kn, stride_kd,
+        stride_vn, stride_vd, offs_m, offs_n, offs_d, d_mask, mid_lo, mid_hi, Tk, off,
+        qk_scale, softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+        False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+        HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
+    dq, dq2 = _attn_bwd_dq_inner(
+        dq, dq2, q, q2, do, do2, lse2, delta, K, K2, V, V2, stride_kn, stride_kd,
+        stride_vn, stride_vd, offs_m, offs_n, offs_d, d_mask, mid_hi, end, Tk, off,
+        qk_scale, softcap2, slope2, left, right, bh, seed, offset, dropout_p,
+        True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, IEEE, DOT_FP32, TMA,
+        HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_D2)
     dq *= sm_scale
-    _store_tile(DQ, dq, m0, offs_m, offs_d, stride_dqm, stride_dqd, q_mask, TMA)
+    if BLOCK_D2 > 0:
+        dq2 *= sm_scale
+    _store_tiles(DQ, DQ2, dq, dq2, m0, offs_m, row_ok, offs_d, d_mask, stride_dqm,
+                 stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_D2, TMA)
 
 
 # ------------------------------------------------------------------------- autotune
@@ -912,8 +1069,13 @@ def _configs(tiles):
 
 # First tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, keyed by
 # (operand bits, head-dim band); the band is the head dim rounded up to a power of two
-# (64 also serves D < 64). The first tile is the one FASTATTN_AUTOTUNE=0 launches and
-# the autotuner never prunes: it fits the shared memory of sm_80 (166,912 B per block),
+# (64 also serves D < 64), also for a head dim split in two pieces (``head_dim_split``:
+# 80 and 96 take the 128 band, 160 and 192 the 256 one: with these tiles their pieces
+# use fewer registers on sm_90 than the padded tile did, while the first piece's band,
+# 64 or 128, spills; on sm_80 a few plain first tiles spill 8-48 B per thread with a
+# split, dK/dV at 80, 96, 192, dQ at 96, the forward at 192, so there only the forward
+# below 128 splits: ``arch_paths``). The first tile is the one FASTATTN_AUTOTUNE=0
+# launches and the autotuner never prunes: it fits the shared memory of sm_80 (166,912 B per block),
 # sm_90 (232,448 B) and sm_86/89 (101,376 B), and in 16 bits it does not spill
 # registers on sm_90. `fastattn check-kernels` compiles every tile (tests/
 # test_check_kernels.py holds the first ones to this).
@@ -1037,7 +1199,8 @@ _AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 
 def _tile_key(dtype: torch.dtype, head_dim: int, flags: dict) -> tuple[int, int, str]:
-    """Key of the tile lists: (operand bits, BLOCK_D but at least 64, kind), the kind
+    """Key of the tile lists: (operand bits, the padded head dim max(64, next power of
+    two) whether or not it splits (see ``_FWD_FIRST``), kind), the kind
     "atomic" for the atomic-dQ dK/dV pass, "scored" with a soft cap, ALiBi or dropout,
     else "plain"."""
     kind = "plain"
@@ -1045,7 +1208,8 @@ def _tile_key(dtype: torch.dtype, head_dim: int, flags: dict) -> tuple[int, int,
         kind = "scored"
     if flags.get("ATOMIC_DQ", False):
         kind = "atomic"
-    return dtype.itemsize * 8, max(64, next_pow2(head_dim)), kind
+    bits = 32 if dtype.itemsize == 4 else 16          # fp8 takes the 16-bit tiles
+    return bits, max(64, next_pow2(head_dim)), kind
 
 
 # Shared memory besides the tiles: cross-warp reductions, mbarriers, alignment (the
@@ -1057,7 +1221,7 @@ def _smem_estimate(kernel: str, block_m: int, block_n: int, block_d: int,
                    num_stages: int, elem: int, wgmma: bool, scored: bool = False,
                    atomic: bool = False) -> int:
     """Shared memory, in bytes, that a config of ``kernel`` ("fwd", "dkdv" or "dq")
-    needs; ``elem`` bytes per q/k/v element, M, N, D the tiles (BLOCK_D padded):
+    needs; ``elem`` bytes per q/k/v element, M, N, D the tiles (D = BLOCK_D + BLOCK_D2):
 
         buffers · stage + resident + layout + 2048  (+ M·D·4 for the atomic dQ)
 
@@ -1106,14 +1270,15 @@ def _prune(configs: list, args: dict, kernel: str, smem_limit: int, hopper: bool
     wgmma = hopper and elem == 2
     scored = bool(args["SOFTCAP"] or args["ALIBI"] or args["DROPOUT"])
     atomic = args.get("ATOMIC_DQ", False)
+    block_d = args["BLOCK_D"] + args.get("BLOCK_D2", 0)     # both head-dim pieces
     min_m = min(c.kwargs["BLOCK_M"] for c in configs)
     min_n = min(c.kwargs["BLOCK_N"] for c in configs)
     max_m, max_n = max(args["TQ_KEY"], min_m), max(args["TK_KEY"], min_n)
 
     def keep(c) -> bool:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        need = _smem_estimate(kernel, m, n, args["BLOCK_D"], c.num_stages, elem, wgmma,
-                              scored, atomic)
+        need = _smem_estimate(kernel, m, n, block_d, c.num_stages, elem, wgmma, scored,
+                              atomic)
         return m <= max_m and n <= max_n and need <= smem_limit
 
     return [configs[0], *(c for c in configs[1:] if keep(c))]
@@ -1248,6 +1413,28 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: _Sha
                              f"kernels index inside it with int32 (< 2**31)")
 
 
+def head_dim_split(head_dim: int, min_width: int = 16) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dim's tiles along D. Triton's tile shapes are
+    powers of two, while the tensor cores take any K and N that are multiples of 16
+    (8): so D runs as two column pieces, BLOCK_D the largest power of two <= D and
+    BLOCK_D2 the next power of two of the rest, at least 16 (``tl.dot`` needs K >= 16),
+    where those two are narrower than the one padded tile max(16, next_pow2(D)); else
+    (that padded width, 0): no split.
+
+        80 -> (64, 16)   96 -> (64, 32)   40, 48 -> (32, 16)   160 -> (128, 32)
+        192 -> (128, 64)                  24 -> (32, 0)   112 -> (128, 0)   64 -> (64, 0)
+
+    (112 would be 64 + 64: as wide as 128, so nothing is gained.) ``min_width``: the
+    narrowest piece, 16, or 32 for fp8 dots (80 -> (64, 32))."""
+    padded = max(min_width, next_pow2(head_dim))
+    first = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - first
+    second = max(min_width, next_pow2(rest)) if rest else 0
+    if rest and first >= min_width and first + second < padded:
+        return first, second
+    return padded, 0
+
+
 def _variant(q: torch.Tensor, shape: _Shape, causal: bool, scale: float, window,
              softcap: float, alibi, dropout_p: float, seed: int, offset: int,
              cu_q, cu_k) -> _Variant:
@@ -1280,8 +1467,7 @@ def _variant(q: torch.Tensor, shape: _Shape, causal: bool, scale: float, window,
     flags = dict(HEAD_DIM=shape.D, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                  SOFTCAP=softcap > 0, ALIBI=alibi is not None, DROPOUT=dropout_p > 0,
                  VARLEN=shape.varlen, DOT_FP32=dot_fp32,
-                 IEEE=q.dtype == torch.float32 or dot_fp32,
-                 BLOCK_D=max(16, next_pow2(shape.D)), **_TILES)
+                 IEEE=q.dtype == torch.float32 or dot_fp32, **_TILES)
     qk_scale = scale / softcap if softcap > 0 else scale * LOG2E
     scalars = (qk_scale, softcap * LOG2E, max(left, 0), max(right, 0), float(dropout_p),
                seed, offset)
@@ -1303,13 +1489,23 @@ _TMA_ENABLED = os.environ.get("FASTATTN_TMA", "1") != "0"     # FASTATTN_TMA=0: 
 _DEVICE_PATHS: dict[tuple[str, int], tuple[bool, bool]] = {}
 
 
-def _device_paths(device: torch.device) -> tuple[bool, bool]:
-    """(TMA, warp specialization) the kernels may use on ``device``: TMA on CUDA
-    sm_90+ with a Triton that has tensor descriptors, warp specialization on sm_100+
-    with one that has ``warp_specialize``; neither elsewhere (the interpreter, older
-    GPUs) or with FASTATTN_TMA=0. Cached per device."""
+class Paths(NamedTuple):
+    """What the kernels may use on a device: TMA, warp specialization, and the head-dim
+    split (``head_dim_split``) in every kernel, not only the forward below D = 128."""
+    tma: bool
+    warp_spec: bool
+    split_all: bool
+    fp8_dot: bool       # e4m3 tiles and their tensor-core dots (sm_89+; per major: 9+)
+
+
+def _device_paths(device: torch.device) -> Paths:
+    """``Paths`` of ``device``: TMA on CUDA sm_90+ with a Triton that has tensor
+    descriptors, warp specialization on sm_100+ with one that has ``warp_specialize``;
+    neither elsewhere (the interpreter, older GPUs) or with FASTATTN_TMA=0. The split in
+    every kernel on sm_90+ and under the interpreter (so the tests run every split).
+    Cached per device."""
     if device.type != "cuda":
-        return False, False
+        return Paths(False, False, True, True)
     index = torch.cuda.current_device() if device.index is None else device.index
     paths = _DEVICE_PATHS.get((device.type, index))
     if paths is None:
@@ -1318,11 +1514,16 @@ def _device_paths(device: torch.device) -> tuple[bool, bool]:
     return paths
 
 
-def arch_paths(major: int) -> tuple[bool, bool]:
-    """(TMA, warp specialization) on a CUDA GPU of compute capability ``major``.x (see
-    ``_device_paths``; `fastattn check-kernels` compiles what each arch would get)."""
+def arch_paths(major: int) -> Paths:
+    """``Paths`` on a CUDA GPU of compute capability ``major``.x (see ``_device_paths``;
+    `fastattn check-kernels` compiles what each arch would get). Before sm_90 a split
+    head dim's first tiles spill 8-48 B per thread (bf16, sm_80: dK/dV at 80, 96 and
+    192, dQ at 96, the forward at 192) where the padded ones spill nothing, so there
+    only the forward below D = 128 (80, 96, 40, 48: spill-free, fewer registers than
+    padded) splits. fp8 (e4m3) attention from sm_90 on (sm_89 could too; the rule goes
+    by major version, as check-kernels compiles)."""
     tma = major >= 9 and _HAS_TMA and _TMA_ENABLED
-    return tma, tma and major >= 10 and _HAS_WARP_SPEC
+    return Paths(tma, tma and major >= 10 and _HAS_WARP_SPEC, major >= 9, major >= 9)
 
 
 def _tma_ok(varlen: bool, *tensors: torch.Tensor) -> bool:
@@ -1361,14 +1562,25 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _paths(device: torch.device, varlen: bool, *tensors: torch.Tensor) -> dict:
-    """The TMA and WARP_SPEC constexprs of one launch: TMA where the device has it and
-    every tensor qualifies (``_tma_ok``), else the pointer path."""
-    tma, warp_spec = _device_paths(device)
-    tma = tma and _tma_ok(varlen, *tensors)
+def _paths(device: torch.device, varlen: bool, head_dim: int, forward: bool,
+           *tensors: torch.Tensor) -> dict:
+    """The TMA, WARP_SPEC and head-dim constexprs of one launch: TMA where the device has
+    it and every tensor qualifies (``_tma_ok``), else the pointer path; the head dim
+    split where the device's ``Paths`` allow it for this kernel, else padded."""
+    paths = _device_paths(device)
+    tma = paths.tma and _tma_ok(varlen, *tensors)
     if tma and device.type == "cuda":
         _ensure_allocator()
-    return {"TMA": tma, "WARP_SPEC": tma and warp_spec}
+    fp8 = tensors[0].dtype == FP8
+    width = 32 if fp8 else 16                   # an fp8 dot needs K >= 32, others 16
+    block_d, block_d2 = head_dim_split(head_dim, width)
+    if block_d2 and not (paths.split_all or (forward and head_dim < 128)):
+        block_d, block_d2 = max(width, next_pow2(head_dim)), 0
+    if fp8 and not paths.fp8_dot:
+        raise ValueError(f"float8 attention needs fp8 tensor cores (sm_90+; Triton takes "
+                         f"no e4m3 tensor before sm_89), got {device}")
+    return {"TMA": tma, "WARP_SPEC": tma and paths.warp_spec, "BLOCK_D": block_d,
+            "BLOCK_D2": block_d2}
 
 
 def _flat_grid(T: int, block: str, heads: int):
@@ -1382,7 +1594,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
              alibi: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
              offset: int = 0, cu_seqlens_q: torch.Tensor | None = None,
              cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
-             max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             max_seqlen_k: int = 0, descale: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-attention forward.
 
     Dense: q (B, H, Tq, D); k, v (B, Hkv, Tk, D). Varlen (cu_seqlens_q/k given, int32
@@ -1395,24 +1608,39 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     subtract slope·|i + Tk − Tq − j|; dropout_p > 0 drops P with the Philox stream
     (seed, offset). See the module docstring for the exact formulas.
 
-    Returns o, contiguous, q.dtype, shaped like q, and lse float32, the natural-log
-    log-sum-exp of each row's scores (-inf for rows that see no key): (B, H, Tq), or
-    (H, total_q) in varlen.
+    FP8 (q, k, v in float8_e4m3fn, dense, forward only): ``descale`` (3, B, Hkv) fp32
+    holds the factors that make q, k, v the values they stand for (q · descale[0]...):
+    q's and k's join the scores' scale, v's scales the output; P is cast to fp8 for the
+    P·V dot. ``out_dtype`` (fp16 or bf16) is o's dtype.
+
+    Returns o, contiguous, q.dtype (FP8: out_dtype), shaped like q, and lse float32,
+    the natural-log log-sum-exp of each row's scores (-inf for rows that see no key):
+    (B, H, Tq), or (H, total_q) in varlen.
     """
     shape = _shape(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    fp8 = q.dtype == FP8
     _check_inputs(q, k, v, shape)
+    if fp8 != (descale is not None) or (fp8 and (
+            shape.varlen or descale.dtype != torch.float32
+            or tuple(descale.shape) != (3, shape.B, shape.Hkv) or descale.stride(2) != 1
+            or out_dtype not in (torch.float16, torch.bfloat16))):
+        raise ValueError(f"fp8 q, k, v (dense) need descale (3, B, Hkv) fp32 with unit "
+                         f"stride along Hkv and out_dtype fp16/bf16; got q {q.dtype}, "
+                         f"descale {None if descale is None else tuple(descale.shape)}, "
+                         f"out_dtype {out_dtype}")
     var = _variant(q, shape, causal, scale, window, softcap, alibi, dropout_p, seed,
                    offset, cu_seqlens_q, cu_seqlens_k)
-    o = _empty(q.shape, q.dtype, q.device)
+    o = _empty(q.shape, out_dtype if fp8 else q.dtype, q.device)
     lse = _empty((shape.H, q.shape[0]) if shape.varlen else q.shape[:3], torch.float32,
                  q.device)
     vl = shape.varlen
-    flags = {**var.flags, **_paths(q.device, vl, q, k, v, o)}
+    flags = {**var.flags, **_paths(q.device, vl, shape.D, True, q, k, v, o), "FP8": fp8}
     grid = _flat_grid(shape.Tq, "BLOCK_M", shape.B * shape.H)
     launch(_attn_fwd(q.dtype, shape.D, flags))[grid](
-        q, k, v, o, lse, var.cu_q, var.cu_k, var.slopes,
+        q, k, v, o, lse, var.cu_q, var.cu_k, var.slopes, descale,
         *_strides(q, vl), *_strides(k, vl), *_strides(v, vl), *_strides(o, vl),
         *_row_strides(lse, vl), *var.slope_strides,
+        *((descale.stride(0), descale.stride(1)) if fp8 else (0, 0)),
         shape.H, shape.H // shape.Hkv, shape.Tq, shape.Tk, *var.scalars,
         next_pow2(shape.Tq), next_pow2(shape.Tk), **flags)
     return o, lse
@@ -1441,6 +1669,8 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     run (flash-attn's meaning of the flag); dk and dv stay reproducible.
     """
     shape = _shape(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if q.dtype == FP8:
+        raise ValueError("fp8 attention is forward only: no backward kernels for float8")
     _check_inputs(q, k, v, shape, do=do, o=o)
     var = _variant(q, shape, causal, scale, window, softcap, alibi, dropout_p, seed,
                    offset, cu_seqlens_q, cu_seqlens_k)
@@ -1457,7 +1687,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     launch(_attn_bwd_delta_kernel)[_flat_grid(rows, "BLOCK_M", batch * shape.H)](
         o, do, delta, *_strides(o, vl), *_strides(do, vl), *_row_strides(delta, vl),
         shape.H, rows, HEAD_DIM=shape.D, BLOCK_M=_DELTA_BLOCK_M,
-        BLOCK_D=var.flags["BLOCK_D"])
+        BLOCK_D=max(16, next_pow2(shape.D)))     # a row reduction: the padded width
 
     operands = (q, k, v, do, lse, delta)
     pointers = (var.cu_q, var.cu_k, var.slopes)
@@ -1467,14 +1697,16 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                next_pow2(shape.Tk))
     group = shape.H // shape.Hkv
     # dQ of the atomic path is an fp32 buffer added to with pointer atomics.
-    tma = _paths(q.device, vl, q, k, v, do, dk, dv, *((dq,) if deterministic else ()))
-    flags = {**var.flags, "TMA": tma["TMA"]}
+    paths = _paths(q.device, vl, shape.D, False, q, k, v, do, dk, dv,
+                   *((dq,) if deterministic else ()))
+    flags = {**var.flags, "TMA": paths["TMA"], "BLOCK_D": paths["BLOCK_D"],
+             "BLOCK_D2": paths["BLOCK_D2"]}
     # The atomic dK/dV, and the one with a soft cap, ALiBi or dropout, spill on sm_90
     # through TMA at D > 128 in every tile tried (152-1432 B per thread): there they
     # keep the pointer path, which compiles spill-free.
     plain = deterministic and _tile_key(q.dtype, shape.D, var.flags)[2] == "plain"
     dkdv_flags = {**flags, "ATOMIC_DQ": not deterministic,
-                  "TMA": tma["TMA"] and (plain or shape.D <= 128)}
+                  "TMA": paths["TMA"] and (plain or shape.D <= 128)}
     launch(_attn_bwd_dkdv(q.dtype, shape.D, dkdv_flags))[
         _flat_grid(shape.Tk, "BLOCK_N", shape.B * shape.Hkv)](
         *operands, dk, dv, None if deterministic else dq, *pointers, *strides,

@@ -138,6 +138,20 @@ def test_first_configs_use_wgmma_and_tma_on_sm90(first_rows):
     assert not ck.slow_defaults(first_rows), "\n".join(ck.slow_defaults(first_rows))
 
 
+def test_split_head_dim_is_labelled(first_rows):
+    """D = 80 runs as two head-dim pieces, 64 + 16 (``head_dim_split``), labelled D64+16:
+    every matmul kernel on sm_90, the forward only on sm_80 (``arch_paths``); the Δ
+    kernel (a row reduction) keeps the padded D128, D = 128 one piece."""
+    rows = [r for r in first_rows if r["op"] == "flash_attention"]
+    for r in rows:
+        padded = (r["kernel"] == "_attn_bwd_delta_kernel"
+                  or (r["arch"] < 90 and r["kernel"] != "_attn_fwd_kernel"))
+        if r["size"] == "D=80":
+            assert ("D128 " if padded else "D64+16 ") in r["config"], r
+        if r["size"] == "D=128":
+            assert "D128 " in r["config"] and "+" not in r["config"], r
+
+
 def test_results_are_cached(cache, first_rows):
     again = ck.check(FIRST, ARCHS, all_configs=False, cache_dir=cache)
     assert all(r["cached"] for r in again)
@@ -169,7 +183,7 @@ def test_problems_name_each_failing_rule():
     assert ck.spilling_defaults([row(spill=16, arch=80), row(spill=16, dtype="float32"),
                                  row(spill=16, default=False)]) == []
     # wgmma and TMA: required of the attention matmul kernels' sm_90 16-bit first
-    # configs at D = 64/128/256 only.
+    # configs at HOPPER_SIZES only (D = 64/80/96/128/192/256).
     fwd = {"kernel": "_attn_fwd_kernel"}
     assert ck.slow_defaults([row(**fwd, mma="mma.sync"), row(**fwd, tma=False),
                              row(**fwd, mma="mma.sync", tma=False, size="D=256")]) == [
@@ -181,7 +195,7 @@ def test_problems_name_each_failing_rule():
         "mma.sync, no TMA"]
     assert ck.problems([row(**fwd, tma=False)]) == ck.slow_defaults([row(**fwd, tma=False)])
     assert ck.slow_defaults([{**row(**fwd, mma="mma.sync", tma=False), **other} for other in (
-        {"arch": 80}, {"dtype": "float32"}, {"default": False}, {"size": "D=80"},
+        {"arch": 80}, {"dtype": "float32"}, {"default": False}, {"size": "D=16"},
         {"kernel": "_attn_bwd_delta_kernel"}, {"error": "boom"})]) == []
 
 

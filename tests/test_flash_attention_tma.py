@@ -50,7 +50,8 @@ def launches(monkeypatch) -> _Launches:
 
 def _device(monkeypatch, tma: bool, warp_spec: bool = False) -> None:
     """Pretend the device has (TMA, warp specialization) or not."""
-    monkeypatch.setattr(fa, "_device_paths", lambda device: (tma, warp_spec))
+    monkeypatch.setattr(fa, "_device_paths",
+                        lambda device: fa.Paths(tma, warp_spec, True, True))
 
 
 def _both_paths(monkeypatch, launches, check, *args, **kwargs):
@@ -234,19 +235,20 @@ def test_tma_ok_rules():
 
 
 @pytest.mark.parametrize("capability,has_tma,has_ws,enabled,expected", [
-    ((8, 0), True, True, True, (False, False)),
-    ((8, 9), True, True, True, (False, False)),
-    ((9, 0), True, True, True, (True, False)),
-    ((10, 0), True, True, True, (True, True)),
-    ((10, 0), True, False, True, (True, False)),
-    ((9, 0), False, False, True, (False, False)),
-    ((9, 0), True, True, False, (False, False)),
+    ((8, 0), True, True, True, (False, False, False, False)),
+    ((8, 9), True, True, True, (False, False, False, False)),
+    ((9, 0), True, True, True, (True, False, True, True)),
+    ((10, 0), True, True, True, (True, True, True, True)),
+    ((10, 0), True, False, True, (True, False, True, True)),
+    ((9, 0), False, False, True, (False, False, True, True)),
+    ((9, 0), True, True, False, (False, False, True, True)),
 ], ids=["sm80", "sm89", "sm90", "sm100", "sm100-old-triton", "no-descriptors",
         "FASTATTN_TMA=0"])
 def test_device_paths(monkeypatch, capability, has_tma, has_ws, enabled, expected):
     """TMA exactly on CUDA sm_90+ with a Triton that has tensor descriptors (and
-    FASTATTN_TMA not 0), warp specialization from sm_100 on; never on CPU. The result
-    is cached per device."""
+    FASTATTN_TMA not 0), warp specialization from sm_100 on; never on CPU. The head-dim
+    split in every kernel from sm_90 on and on CPU (the interpreter). The result is
+    cached per device."""
     calls = []
 
     def get_capability(index):
@@ -258,7 +260,7 @@ def test_device_paths(monkeypatch, capability, has_tma, has_ws, enabled, expecte
     monkeypatch.setattr(fa, "_TMA_ENABLED", enabled)
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert fa._device_paths(torch.device("cpu")) == (False, False)
+    assert fa._device_paths(torch.device("cpu")) == (False, False, True, True)
     assert fa._device_paths(torch.device("cuda", 1)) == expected
     assert fa._device_paths(torch.device("cuda")) == expected      # current device: 1
     assert calls == [1]

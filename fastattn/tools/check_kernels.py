@@ -20,8 +20,8 @@ no local arrays); matmuls (``wgmma`` on sm_90 needs 64-row tiles per warpgroup, 
 
 Problems (exit status 1): a launch shape with no config that fits shared memory, a first
 config that does not fit (a launch would fail) or spills on sm_90 in fp16/bf16, an sm_90
-fp16/bf16 first config of the attention matmul kernels at D = 64/128/256 without wgmma
-or TMA (of the plain kernels), a kernel that does not compile.
+fp16/bf16 first config of the attention matmul kernels at ``HOPPER_SIZES`` without wgmma
+or TMA (of the plain kernels), a kernel that does not compile. D64+16: D in two pieces.
 
 Workers compile in parallel, without ``TRITON_INTERPRET`` (fixed at Triton's import; the
 tests set it) and ``FASTATTN_AUTOTUNE`` (it hides all but the first config). Results are
@@ -56,7 +56,8 @@ HEAD_DIMS = registry.get("flash_attention").launch_sizes
 WIDTHS = registry.ROWWISE_LAUNCH_SIZES
 NO_SPILL_ARCH, NO_SPILL_DTYPES = 90, ("float16", "bfloat16")
 HOPPER_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-HOPPER_SIZES, _VARIANT = ("D=64", "D=128", "D=256"), re.compile(r"(ATOMIC_DQ|SOFTCAP)=True")
+HOPPER_SIZES = tuple(f"D={d}" for d in (64, 80, 96, 128, 192, 256))  # 80, 96, 192: split
+_VARIANT = re.compile(r"(ATOMIC_DQ|SOFTCAP)=True")
 
 
 @dataclass(frozen=True)
@@ -271,9 +272,9 @@ def _jobs(spec: dict) -> Iterator[_Job]:
     index, count = 0, spec["all_configs"]            # True, False (the first) or a count
     for case in (Case(**c) for c in spec["cases"]):
         seen = set()
-        # The same kernels in the same order on every arch; their constexprs may differ.
-        by_arch = {arch: _launches(case, arch) for arch in spec["archs"]}
-        for n, (kernel, _, kwargs) in enumerate(by_arch[spec["archs"][0]]):
+        by_arch = {arch: _launches(case, arch) for arch in spec["archs"]}   # same kernels,
+        archs = [a for a in spec["archs"] if by_arch[a]]   # order on archs with any (fp8: 90)
+        for n, (kernel, _, kwargs) in enumerate(by_arch[archs[0]] if archs else []):
             launch = (id(kernel), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
             if launch in seen:      # made before in this case: the same binary (e.g. Δ)
                 continue
@@ -284,7 +285,7 @@ def _jobs(spec: dict) -> Iterator[_Job]:
             while not isinstance(kernel, JITFunction):
                 kernel = kernel.fn
             for i, config in enumerate(configs[:None if count is True else max(1, int(count))]):
-                for arch in spec["archs"]:
+                for arch in archs:
                     _, args, arch_kwargs = by_arch[arch][n]
                     yield _Job(index, case, kernel, args, {**arch_kwargs, **config},
                                i == 0, arch)
@@ -309,9 +310,9 @@ _CONFIG_KEYS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})  # 
 
 
 def _describe(job: _Job, num_warps: int, num_stages: int) -> dict:
-    tiles = " ".join(f"{name.removeprefix('BLOCK_')}{job.kwargs[name]}"
-                     for name in job.fn.arg_names
-                     if name.startswith("BLOCK_") and name in job.kwargs)
+    kw = job.kwargs  # the tiles; a head dim in two pieces (BLOCK_D2 > 0) shows as D64+16
+    tiles = "".join({"BLOCK_D2": "+"}.get(n, " " + n.removeprefix("BLOCK_")) + str(kw[n])
+                    for n in job.fn.arg_names if n.startswith("BLOCK_") and kw.get(n)).strip()
     return {"job": job.index, "op": job.case.op, "dtype": job.case.dtype,
             "size": job.case.label, "causal": job.case.causal, "kernel": job.fn.__name__,
             "config": f"{tiles} w{num_warps} s{num_stages}", "default": job.default,
@@ -438,12 +439,11 @@ def default_cache_dir() -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-kernels", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed)",
-        description="Compile every Triton kernel with every autotune config for the given "
-                    "GPU architectures, from the launchers' real argument lists, and report "
-                    "shared memory against the limit, registers, spills, wgmma/mma.sync "
-                    "and TMA. Exit status 1 on a problem: no config fits, a first "
-                    "(FASTATTN_AUTOTUNE=0) config does not fit, or on sm_90 in fp16/bf16 "
-                    "spills or (attention, D 64/128/256) lacks wgmma or TMA.")
+        description="Compile every Triton kernel with every autotune config for the given GPU "
+                    "architectures from the launchers' argument lists; report shared memory, "
+                    "registers, spills, wgmma/mma.sync and TMA. Exit 1 on a problem: no config "
+                    "fits, a first (FASTATTN_AUTOTUNE=0) config does not fit or, on sm_90 in 16 "
+                    "bits, spills or (attention, D 64/80/96/128/192/256) lacks wgmma or TMA.")
     p.add_argument("--arch", type=_subset(SMEM_LIMIT, int), default=[80, 90], metavar="80,90",
                    help=f"compute capabilities, of {', '.join(map(str, SMEM_LIMIT))} "
                         "(default 80,90)")
