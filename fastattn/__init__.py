@@ -16,6 +16,7 @@ from fastattn.flash_attn_interface import (
     flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from fastattn.functional import scaled_dot_product_attention
 from fastattn.ops.flash_attention import flash_attention, flash_attention_varlen
+from fastattn.ops.flash_attention_fp8 import flash_attention_fp8, quantize_fp8
 from fastattn.ops.gelu import bias_gelu, gelu
 from fastattn.ops.layer_norm import layer_norm, rms_norm
 from fastattn.ops.linear_cross_entropy import linear_cross_entropy
@@ -27,10 +28,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "FallbackWarning", "SwapReport", "bias_gelu",
-    "enable", "enable_globally", "flash_attention", "flash_attention_varlen", "flash_attn_func",
+    "enable", "enable_globally", "flash_attention", "flash_attention_fp8",
+    "flash_attention_varlen", "flash_attn_func",
     "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
     "apply_rotary_pos_emb", "flash_attn_with_kvcache", "gelu", "geglu", "layer_norm",
     "linear_cross_entropy", "rope", "silu", "swiglu",
-    "nn", "reference", "rms_norm", "scaled_dot_product_attention", "swap", "use_backend",
+    "nn", "quantize_fp8", "reference", "rms_norm", "scaled_dot_product_attention", "swap",
+    "use_backend",
 ]

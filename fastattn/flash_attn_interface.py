@@ -20,6 +20,9 @@ alignment, ``-1`` for an unbounded window side, ``causal`` meaning the window
   differs from flash-attn's for the same seed.
 * ``flash_attn_varlen_func``'s ``block_table`` (paged K/V for varlen) is not served;
   ``flash_attn_with_kvcache`` takes paged caches.
+* ``flash_attn_func`` also takes flash-attn 3's fp8 form: q, k, v in
+  ``torch.float8_e4m3fn`` with ``q_descale``, ``k_descale``, ``v_descale`` (float32, one
+  factor or (B, Hkv)), forward only, output in bfloat16 (``fastattn.flash_attention_fp8``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import Tensor
 from fastattn import reference
 from fastattn.ops import _philox
 from fastattn.ops.flash_attention import draw_rng, flash_attention, flash_attention_varlen
+from fastattn.ops.flash_attention_fp8 import FP8, flash_attention_fp8
 from fastattn.ops.kvcache import flash_attn_with_kvcache
 
 
@@ -93,11 +97,23 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Tensor | None = None, deterministic: bool | None = None,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: bool = False, *, q_descale: Tensor | None = None,
+                    k_descale: Tensor | None = None, v_descale: Tensor | None = None):
     """flash-attn's ``flash_attn_func``. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), Hkv
     dividing H; any head dim up to 256. Returns a contiguous (B, Tq, H, D) tensor, and
-    with ``return_attn_probs`` also the log-sum-exp (B, H, Tq) and ``S_dmask``."""
+    with ``return_attn_probs`` also the log-sum-exp (B, H, Tq) and ``S_dmask``. With
+    float8_e4m3fn q, k, v and the ``*_descale`` factors: the fp8 forward (flash-attn 3's
+    form), bfloat16 out, no dropout, ALiBi or attention probabilities."""
     _check_rank("flash_attn_func", "(batch, seqlen, nheads, headdim)", q=q, k=k, v=v)
+    descales = (q_descale, k_descale, v_descale)
+    if q.dtype == FP8 or any(d is not None for d in descales):
+        if dropout_p or alibi_slopes is not None or return_attn_probs:
+            raise ValueError("flash_attn_func: fp8 inputs take no dropout_p, alibi_slopes "
+                             "or return_attn_probs (forward-only inference path)")
+        out = flash_attention_fp8(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  *descales, causal=causal, scale=softmax_scale,
+                                  window=tuple(window_size), softcap=softcap)
+        return out.transpose(1, 2).contiguous()
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                        deterministic, "flash_attn_func")
     qt, kt = q.transpose(1, 2), k.transpose(1, 2)                     # (B, H, T, D) views

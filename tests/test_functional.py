@@ -94,7 +94,8 @@ def test_fallback_warns_once():
 def test_flash_attn_func_signature():
     params = list(inspect.signature(fastattn.flash_attn_func).parameters)
     assert params == ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size",
-                      "softcap", "alibi_slopes", "deterministic", "return_attn_probs"]
+                      "softcap", "alibi_slopes", "deterministic", "return_attn_probs",
+                      "q_descale", "k_descale", "v_descale"]           # keyword-only (FA3)
 
 
 @pytest.mark.parametrize("tq,tk,hkv", [(13, 13, 4), (1, 30, 2), (9, 21, 1)])

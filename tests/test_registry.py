@@ -82,7 +82,11 @@ def test_entry_matches_its_float64_reference(spec, backend):
     exact = [x.detach().double().requires_grad_() for x in inputs]
     ref = spec.reference(*exact, **spec.options)
     ref_grads = torch.autograd.grad(ref, exact, grad.double()) if backward else ()
-    assert_close(out, ref, f"{spec.name} out")
+    if spec.tolerance is not None:         # rounding of its own (fp8): the entry's bound
+        err = (out.double() - ref).abs().max() / ref.abs().max()
+        assert err <= spec.tolerance, f"{spec.name} out: relative error {err:.3g}"
+    else:
+        assert_close(out, ref, f"{spec.name} out")
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
         assert_close(g, rg, f"{spec.name} grad {i}")
 

@@ -56,6 +56,9 @@ class OpSpec:
     unit: str = "flops"              # what ``work`` counts: "flops" or "bytes"
     options: Mapping[str, Any] = field(default_factory=dict)
     modes: tuple[str, ...] = MODES   # what the op has; an inference-only op: ("fwd",)
+    # max |x - reference| / max |reference| that the benchmarks' check and the registry
+    # test allow; None: the benchmark dtype's (an op with its own rounding, fp8, sets it)
+    tolerance: float | None = None
     # For ``fastattn check-kernels``: (size, dtype, **options) runs the Triton launchers,
     # forward and backward, on empty CPU tensors of a typical shape whose size is
     # ``launch_dim`` ("D": head dim, "N": width), for each of ``launch_sizes``. One entry

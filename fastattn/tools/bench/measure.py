@@ -42,7 +42,7 @@ def _check_row(cfg: Config, impl: Impl, shape: dict, mode: str, sets: list,
         row["max_rel_error"] = check(impl, sets[0], ref, mode)
     except Exception as e:  # noqa: BLE001  an implementation that fails gets no number
         return _failed(row, e)
-    if not row["max_rel_error"] <= TOLERANCE[dtype_of(cfg.dtype)]:
+    if not row["max_rel_error"] <= (cfg.spec.tolerance or TOLERANCE[dtype_of(cfg.dtype)]):
         row["status"] = "wrong"
     return row
 
