@@ -33,3 +33,16 @@ def fastattn_ops() -> Iterator[Counter]:
     seen: Counter = Counter()
     with _Recorder(seen):
         yield seen
+
+
+def count_module_calls(model, kind_of, kinds) -> dict:
+    """Forward hooks on ``model``'s modules that count, per kind in ``kinds``, the calls
+    of the modules ``kind_of(module)`` names (None: not counted); returns the live counts:
+    the calls eager makes, against which ``fastattn_ops`` counts are held."""
+    calls = dict.fromkeys(kinds, 0)
+    for module in model.modules():
+        kind = kind_of(module)
+        if kind is not None:
+            module.register_forward_hook(
+                lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
+    return calls

@@ -22,6 +22,7 @@ import torch
 from test_flash_attention_variants_kernels import (  # noqa: E402  (skips without Triton)
     BF16, DEVICE, FP16, FP32, INTERPRET, _check, _check_varlen, _inputs, _keep, _slopes,
     _varlen_inputs, _varlen_masks)
+from test_flash_attention_tma import _Launches as _TmaLaunches  # noqa: E402
 from test_flash_attention_tma import _both_paths, _device, _guarded_empty  # noqa: E402
 from fastattn.kernels import flash_attention as fa  # noqa: E402
 
@@ -31,24 +32,12 @@ UNSPLIT = {1: (16, 0), 16: (16, 0), 24: (32, 0), 64: (64, 0), 112: (128, 0),
            128: (128, 0), 200: (256, 0), 256: (256, 0)}
 
 
-class _Launches(list):
+class _Launches(_TmaLaunches):
     """(kernel name, its keyword arguments) of every launch, recorded by wrapping the
     launchers' ``launch``."""
 
-    def __init__(self, launch):
-        super().__init__()
-        self.launch = launch
-
-    def wrap(self, kernel):
-        launch = self.launch(kernel)
-        name = getattr(kernel, "__name__", type(kernel).__name__)
-
-        def run(grid):
-            def call(*args, **kwargs):
-                self.append((name, kwargs))
-                return launch[grid](*args, **kwargs)
-            return call
-        return type("Launch", (), {"__getitem__": lambda _, grid: run(grid)})()
+    def record(self, name: str, kwargs: dict) -> None:
+        self.append((name, kwargs))
 
 
 @pytest.fixture
@@ -215,21 +204,14 @@ def test_gpu_tiles(monkeypatch, block_m, block_n):
 
 # ---------------------------------------------------------------- TMA against pointers
 
-class _PathLaunches(_Launches):
-    """What test_flash_attention_tma's ``_both_paths`` reads: (name, TMA, WARP_SPEC)."""
+class _PathLaunches(_TmaLaunches):
+    """What test_flash_attention_tma's ``_both_paths`` reads, (name, TMA, WARP_SPEC),
+    with every launch's split checked to be ``head_dim_split``'s."""
 
-    def wrap(self, kernel):
-        launch = self.launch(kernel)
-        name = getattr(kernel, "__name__", type(kernel).__name__)
-
-        def run(grid):
-            def call(*args, **kwargs):
-                if "TMA" in kwargs:
-                    assert kwargs["BLOCK_D2"] == fa.head_dim_split(kwargs["HEAD_DIM"])[1]
-                    self.append((name, kwargs["TMA"], kwargs.get("WARP_SPEC")))
-                return launch[grid](*args, **kwargs)
-            return call
-        return type("Launch", (), {"__getitem__": lambda _, grid: run(grid)})()
+    def record(self, name: str, kwargs: dict) -> None:
+        if "TMA" in kwargs:
+            assert kwargs["BLOCK_D2"] == fa.head_dim_split(kwargs["HEAD_DIM"])[1]
+        super().record(name, kwargs)
 
 
 @pytest.fixture
@@ -289,33 +271,18 @@ def test_tma_stores_stop_at_d(monkeypatch, path_launches):
 
 
 @pytest.mark.parametrize("major", [8, 9])
-def test_split_per_arch(monkeypatch, major):
+def test_split_per_arch(monkeypatch, launches, major):
     """Before sm_90 only the forward below D = 128 splits (the other split first tiles
     spill there); from sm_90 on every kernel does. The pre-sm_90 launch is also right."""
     monkeypatch.setattr(fa, "_device_paths", lambda device: fa.arch_paths(major))
-    seen = []
-    original = fa.launch
-
-    def spy(kernel):
-        launched = original(kernel)
-
-        def run(grid):
-            def call(*args, **kwargs):
-                if "BLOCK_D2" in kwargs:
-                    name = getattr(kernel, "__name__", type(kernel).__name__)
-                    seen.append((name, kwargs["HEAD_DIM"], kwargs["BLOCK_D"],
-                                 kwargs["BLOCK_D2"]))
-                return launched[grid](*args, **kwargs)
-            return call
-        return type("Launch", (), {"__getitem__": lambda _, grid: run(grid)})()
-
-    monkeypatch.setattr(fa, "launch", spy)
     for d in (96, 192):
         q, k, v, do = _inputs(1, 2, 1, 19, 23, d, torch.float32, seed=d)
         _check(q, k, v, do, True, d ** -0.5)
     want = {(96, True): (64, 32), (192, True): (128, 64) if major >= 9 else (256, 0),
             (96, False): (64, 32) if major >= 9 else (128, 0),
             (192, False): (128, 64) if major >= 9 else (256, 0)}
+    seen = [(name, kw) for name, kw in launches if "BLOCK_D2" in kw]
     assert len(seen) == 6
-    for name, d, block_d, block_d2 in seen:
-        assert (block_d, block_d2) == want[d, "fwd" in name], (name, d)
+    for name, kw in seen:
+        pieces = (kw["BLOCK_D"], kw["BLOCK_D2"])
+        assert pieces == want[kw["HEAD_DIM"], "fwd" in name], (name, kw["HEAD_DIM"])

@@ -21,21 +21,24 @@ from fastattn.kernels import flash_attention as fa  # noqa: E402
 
 
 class _Launches(list):
-    """(kernel name, TMA, WARP_SPEC) of every attention launch, recorded by wrapping
-    the launchers' ``launch``."""
+    """The attention launches, recorded by wrapping the launchers' ``launch``: what
+    ``record`` keeps, here (kernel name, TMA, WARP_SPEC) of those that take TMA."""
 
     def __init__(self, launch):
         super().__init__()
         self.launch = launch
 
+    def record(self, name: str, kwargs: dict) -> None:
+        if "TMA" in kwargs:
+            self.append((name, kwargs["TMA"], kwargs.get("WARP_SPEC")))
+
     def wrap(self, kernel):
         launch = self.launch(kernel)
+        name = getattr(kernel, "__name__", type(kernel).__name__)
 
         def run(grid):
             def call(*args, **kwargs):
-                if "TMA" in kwargs:
-                    name = getattr(kernel, "__name__", type(kernel).__name__)
-                    self.append((name, kwargs["TMA"], kwargs.get("WARP_SPEC")))
+                self.record(name, kwargs)
                 return launch[grid](*args, **kwargs)
             return call
         return type("Launch", (), {"__getitem__": lambda _, grid: run(grid)})()

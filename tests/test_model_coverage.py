@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from fastattn._warnings import FallbackWarning  # noqa: E402
 from fastattn.integrations._hf_layers import _is_activation  # noqa: E402
 from fastattn.integrations.kernelize import _attention_keywords  # noqa: E402
-from routing import fastattn_ops  # noqa: E402
+from routing import count_module_calls, fastattn_ops  # noqa: E402
 from test_kernelize import (CAUSAL, MODELS, TOL, _assert_same_gradients,  # noqa: E402
                             _inputs, _pair, _padded)
 
@@ -40,20 +40,9 @@ def _kind(module):
     return "activations" if _is_activation(module) else None
 
 
-def _count_eager_calls(model):
-    """Hooks that count the calls of model's attention, norm and activation modules."""
-    calls = dict.fromkeys(KINDS, 0)
-    for module in model.modules():
-        kind = _kind(module)
-        if kind is not None:
-            module.register_forward_hook(
-                lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
-    return calls
-
-
 def _run(name, scenario):
     eager, fast, _ = _pair(name)
-    calls = _count_eager_calls(eager)
+    calls = count_module_calls(eager, _kind, KINDS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if name == "t5" else "error", FallbackWarning)
         with fastattn_ops() as ran:

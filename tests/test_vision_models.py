@@ -21,7 +21,7 @@ from torch import nn
 
 import fastattn
 from conftest import DEVICE
-from routing import fastattn_ops
+from routing import count_module_calls, fastattn_ops
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 OPS = {"attention": ("flash_attention_fwd",), "norms": ("layer_norm_fwd",),
@@ -53,16 +53,6 @@ def _kind(module):
     return "activations" if isinstance(module, nn.GELU) else None
 
 
-def _count_eager_calls(model):
-    calls = dict.fromkeys(OPS, 0)
-    for module in model.modules():
-        kind = _kind(module)
-        if kind is not None:
-            module.register_forward_hook(
-                lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
-    return calls
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("library", list(BUILDERS))
 def test_vit_runs_on_fastattn_and_matches_eager(library, train):
@@ -70,7 +60,7 @@ def test_vit_runs_on_fastattn_and_matches_eager(library, train):
     eager = BUILDERS[library]().to(DEVICE).train(train)
     fast = copy.deepcopy(eager)
     fastattn.swap(fast)      # timm's LayerNorm subclass is left: enable() serves its F.layer_norm
-    calls = _count_eager_calls(eager)
+    calls = count_module_calls(eager, _kind, OPS)
     images = torch.randn(3, 3, 32, 32, device=DEVICE)
     labels = torch.tensor([1, 4, 7], device=DEVICE)
 
