@@ -216,6 +216,10 @@ def test_torch_backend_kept_act_gives_the_recomputed_gradients():
         recomputed = ops._bwd(dy, a.detach(), b.detach(), None, activation, False, "torch")
         for x, z in zip(kept, recomputed):
             torch.testing.assert_close(x, z, rtol=0, atol=0)
+    # Without b there is nothing to keep (the backward reads only a): y is act(a).
+    y, act = ops._fwd(a.detach(), None, "silu", False, True, "torch")
+    torch.testing.assert_close(y, F.silu(a.detach()), rtol=0, atol=0)
+    assert act.numel() == 0
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -298,7 +302,7 @@ def test_opcheck(backend):
     fwd, bwd = torch.ops.fastattn.swiglu_fwd.default, torch.ops.fastattn.swiglu_bwd.default
     save = backend == "torch"
     for args in [(a, b, "silu", False, save), (a, None, "gelu_tanh", True, save),
-                 (a, None, "silu", False, False)]:
+                 (a, None, "silu", False, save)]:
         leaves = [t.clone().requires_grad_() if isinstance(t, torch.Tensor) else t
                   for t in args]
         torch.library.opcheck(fwd, (*leaves, backend))

@@ -123,15 +123,14 @@ def _torch_fwd(a: Tensor, b: Optional[Tensor], activation: str, packed: bool,
     a2, b2 = _2d(a), None if b is None else _2d(b)
     if packed:
         a2, b2 = _halves(a2)
+    save_act = save_act and b2 is not None      # act(a) alone: the backward reads only a
     y = a.new_empty(a2.shape)
     act = a.new_empty(a2.shape) if save_act else a.new_empty(0)
     for rows in _chunks(*a2.shape):
         h = _torch_act(a2[rows], activation, out=(act if save_act else y)[rows])
-        if b2 is None:
-            continue
         if save_act:
             torch.mul(h, b2[rows], out=y[rows])
-        else:
+        elif b2 is not None:
             h.mul_(b2[rows])
     shape = _out_shape(a, packed)
     return y.view(shape), (act.view(shape) if save_act else act)
@@ -179,7 +178,7 @@ def _fwd(a: Tensor, b: Optional[Tensor], activation: str, packed: bool, save_act
 @_fwd.register_fake
 def _(a, b, activation, packed, save_act, backend):
     shape = _out_shape(a, packed)
-    save = save_act and backend == "torch"
+    save = save_act and backend == "torch" and (b is not None or packed)
     return a.new_empty(shape), (a.new_empty(shape) if save else a.new_empty(0))
 
 
