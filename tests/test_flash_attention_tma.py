@@ -161,9 +161,17 @@ def test_tma_outputs_fully_written_and_clipped(monkeypatch, launches, varlen):
         return (o, lse, *fa.attn_bwd(do, q, k, v, o, lse, True, 0.3,
                                      deterministic=deterministic, **kw))
 
+    _assert_stores_inside(monkeypatch, run, guard=16 * 16)
+    assert launches and all(tma for _, tma, _ in launches)
+
+
+def _assert_stores_inside(monkeypatch, run, guard: int) -> None:
+    """``run(deterministic)`` -> (o, lse, dq, dk, dv) writes every element of each output
+    and nothing past its end: run again with NaN-filled outputs followed by ``guard``
+    NaN elements, both backward algorithms."""
     for deterministic in (True, False):
         clean = run(deterministic)
-        empty, buffers = _guarded_empty(guard=16 * 16)
+        empty, buffers = _guarded_empty(guard=guard)
         with monkeypatch.context() as m:
             m.setattr(fa, "_empty", empty)
             poisoned = run(deterministic)
@@ -171,7 +179,6 @@ def test_tma_outputs_fully_written_and_clipped(monkeypatch, launches, varlen):
             assert torch.equal(a, b), f"{name} has elements the kernels never wrote"
         for buf, n in buffers:
             assert torch.isnan(buf[n:]).all(), "a store went past the end of an output"
-    assert launches and all(tma for _, tma, _ in launches)
 
 
 def _misaligned(kind: str) -> list[torch.Tensor]:
