@@ -47,12 +47,8 @@ def _triton_kernels():
 def _torch_fwd(q: Tensor, k: Tensor, v: Tensor, descale: Tensor, causal: bool,
                window: tuple[int, int], softcap: float, scale: float,
                out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    group = q.shape[1] // k.shape[1]
-    q_factor = descale[0].repeat_interleave(group, dim=1)[:, :, None, None]   # (B, H, 1, 1)
-    o, lse = _attention_torch.attn_fwd(
-        q.float() * q_factor, k.float() * descale[1, :, :, None, None],
-        v.float() * descale[2, :, :, None, None], causal, scale, window=window,
-        softcap=softcap)
+    o, lse = _attention_torch.attn_fwd(*_real(q, k, v, *descale), causal, scale,
+                                       window=window, softcap=softcap)
     return o.to(out_dtype), lse
 
 
